@@ -1,0 +1,63 @@
+# MixDefense — one way in.  `make demo` and `make test` install what they need by themselves.
+#   make train-classifier DATASET=mnist|cifar10|gtsrb [PROFILE=cpu|paper] [ARGS="--trainer.max_epochs=3"]
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MD := $(VENV)/bin/mixdefense
+DATASET ?= mnist
+PROFILE ?= cpu
+ARGS ?=
+export MIXDEFENSE_DATA ?= $(CURDIR)/data
+SHARED_DATA ?= $(CURDIR)/../shared/data
+STAMP := $(VENV)/.installed
+
+ifeq ($(PROFILE),paper)
+  SUFFIX := _paper
+else
+  SUFFIX :=
+endif
+
+.PHONY: help install data test test-slow demo train-classifier clean-runs
+
+help:
+	@echo "make demo                         the main job (installs, fetches data, runs)"
+	@echo "make test                         the fast test suite (installs what it needs)"
+	@echo "make test-slow                    the slow tests (training, sweeps)"
+	@echo "make train-classifier DATASET=ds  train + test the target classifier (PROFILE=cpu|paper)"
+	@echo "datasets: mnist cifar10 gtsrb; data root: \$$MIXDEFENSE_DATA (default ./data)"
+
+# A virtual environment with the package installed (editable) and its test extras.
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# On this project's machines the real datasets are in ../shared/data: materialise them into
+# the data root.  Elsewhere, the datamodules download (download=true) or say what is missing.
+data: $(STAMP)
+	@if [ -f "$(SHARED_DATA)/materialize.py" ]; then \
+		$(PY) "$(SHARED_DATA)/materialize.py" --to "$(MIXDEFENSE_DATA)"; \
+	else \
+		echo "no $(SHARED_DATA)/materialize.py: datasets download on first use (download=true), or put them under $(MIXDEFENSE_DATA)"; \
+	fi
+
+test: $(STAMP) data
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) data
+	$(PY) -m pytest -q -m slow
+
+train-classifier: $(STAMP) data
+	$(MD) fit --config experiments/$(DATASET)/classifier$(SUFFIX).yaml $(ARGS)
+	$(MD) test --config experiments/$(DATASET)/classifier$(SUFFIX).yaml $(ARGS) \
+		--ckpt_path checkpoints/$(DATASET)/classifier$(SUFFIX)/best.ckpt
+
+demo: $(STAMP) data
+	$(MAKE) train-classifier DATASET=mnist
+
+clean-runs:
+	rm -rf runs checkpoints wandb

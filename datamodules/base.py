@@ -1,0 +1,220 @@
+"""Shared base of the image datamodules: in-memory uint8 tensors, a seeded split, [0, 1] floats.
+
+Every dataset is decoded once into a ``uint8`` tensor ``[N, C, H, W]`` kept in memory (the
+three datasets of the paper fit in well under 1 GB), so a CPU epoch costs no image decoding.
+Batches are float tensors in ``[0, 1]``: normalisation belongs to the model, never to the data.
+Training-time augmentation (random translation, optional horizontal flip) is applied to the
+whole batch at once in :meth:`on_after_batch_transfer`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def default_data_root() -> Path:
+    """``$MIXDEFENSE_DATA`` if set, else ``./data``."""
+    return Path(os.environ.get("MIXDEFENSE_DATA", "data"))
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset's files are missing and could not be downloaded."""
+
+
+class ImageTensorDataset(Dataset):
+    """``(image, label)`` pairs from a ``uint8`` tensor ``[N, C, H, W]``.
+
+    ``__getitem__`` returns a float image in ``[0, 1]`` of shape ``[C, H, W]`` and an int label.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
+        self.images, self.labels = images, labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.images[i].float().div_(255.0), self.labels[i]
+
+
+def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Shift each image of ``x [B, C, H, W]`` by an independent random offset in ``[-pad, pad]``.
+
+    Equivalent to zero-padding by ``pad`` and taking a random crop of the original size.
+    """
+    if pad <= 0:
+        return x
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=x.device)[None, :] + dx[:, None])[:, None, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image of ``x [B, C, H, W]`` left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base datamodule: subclasses implement :meth:`load_split` and :meth:`expected_files`.
+
+    Args:
+        data_root: folder holding the dataset in torchvision's layout; default
+            ``$MIXDEFENSE_DATA`` or ``./data``.
+        download: download missing files where the internet is reachable.
+        batch_size: images per batch.
+        num_workers: DataLoader worker processes (0 is fastest for in-memory data on a CPU).
+        val_fraction: share of the training set held out for validation (seeded split).
+        seed: seed of the train/validation split.
+        augment: apply random translation (and flip, where the dataset allows) to training batches.
+        translate: maximal shift in pixels of the random translation.
+        train_subset / test_subset: keep only the first N images of a split (quick runs, tests).
+    """
+
+    name: str = ""
+    num_classes: int = 0
+    in_channels: int = 0
+    image_size: int = 0
+    hflip: bool = False
+
+    def __init__(
+        self,
+        data_root: str | None = None,
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        augment: bool = True,
+        translate: int = 2,
+        train_subset: int | None = None,
+        test_subset: int | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.data_root = Path(data_root) if data_root else default_data_root()
+        self.download = download
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.augment = augment
+        self.translate = translate
+        self.train_subset = train_subset
+        self.test_subset = test_subset
+        self.data_train: ImageTensorDataset | None = None
+        self.data_val: ImageTensorDataset | None = None
+        self.data_test: ImageTensorDataset | None = None
+
+    # -- to implement -------------------------------------------------------------------
+    def expected_files(self) -> list[Path]:
+        """The files (or folders) that must exist under :attr:`data_root`."""
+        raise NotImplementedError
+
+    def fetch(self) -> None:
+        """Download the dataset into :attr:`data_root` (torchvision's downloader)."""
+        raise NotImplementedError
+
+    def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(images uint8 [N, C, H, W], labels int64 [N])`` of the train or test split."""
+        raise NotImplementedError
+
+    # -- shared -------------------------------------------------------------------------
+    def missing_files(self) -> list[Path]:
+        return [p for p in self.expected_files() if not p.exists()]
+
+    def prepare_data(self) -> None:
+        missing = self.missing_files()
+        if not missing:
+            return
+        if self.download:
+            try:
+                self.fetch()
+            except Exception as err:  # no internet, server down, …
+                raise DatasetNotFoundError(self._missing_message(missing, f"download failed: {err}")) from err
+            missing = self.missing_files()
+        if missing:
+            raise DatasetNotFoundError(self._missing_message(missing))
+
+    def _missing_message(self, missing: list[Path], reason: str | None = None) -> str:
+        lines = [f"{self.name}: dataset not found under {self.data_root.resolve()}"]
+        if reason:
+            lines.append(f"  ({reason})")
+        lines.append("  missing:")
+        lines += [f"    {p}" for p in missing[:8]]
+        if len(missing) > 8:
+            lines.append(f"    … and {len(missing) - 8} more")
+        lines.append(
+            "  fix: pass download=True (or --data.init_args.download=true) where the internet is "
+            "reachable, or write the files there, e.g. `python ../shared/data/materialize.py --to "
+            f"{self.data_root}` on the project's machines, or point $MIXDEFENSE_DATA at a folder holding them."
+        )
+        return "\n".join(lines)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+        if stage in (None, "fit", "validate") and self.data_train is None:
+            images, labels = self.load_split(train=True)
+            if self.train_subset:
+                images, labels = images[: self.train_subset], labels[: self.train_subset]
+            n_val = int(round(len(labels) * self.val_fraction))
+            perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+            val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+            self.data_train = ImageTensorDataset(images[train_idx], labels[train_idx])
+            self.data_val = ImageTensorDataset(images[val_idx], labels[val_idx])
+        if stage in (None, "test", "predict") and self.data_test is None:
+            images, labels = self.load_split(train=False)
+            if self.test_subset:
+                images, labels = images[: self.test_subset], labels[: self.test_subset]
+            self.data_test = ImageTensorDataset(images, labels)
+
+    def _loader(self, data: Dataset | None, shuffle: bool) -> DataLoader:
+        if data is None:
+            raise RuntimeError(f"{self.name}: call setup() before asking for a dataloader")
+        return DataLoader(
+            data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = getattr(self, "trainer", None)
+        if self.augment and trainer is not None and trainer.training:
+            x, y = batch
+            x = random_translate(x, self.translate)
+            if self.hflip:
+                x = random_hflip(x)
+            batch = (x, y)
+        return batch
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(data_root={str(self.data_root)!r}, batch_size={self.batch_size})"

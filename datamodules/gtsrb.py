@@ -1,0 +1,69 @@
+"""GTSRB: German Traffic Sign Recognition Benchmark, 39,209 training / 12,630 test, 43 classes.
+
+torchvision's layout under ``<data_root>/gtsrb``: ``GTSRB/Training/000NN/*.ppm``,
+``GTSRB/Final_Test/Images/*.ppm`` and ``GT-final_test.csv``.  Whole images (the ROI is
+not cropped) are resized to ``image_size`` × ``image_size`` once; the decoded tensors are
+cached in ``<data_root>/gtsrb/mixdefense_cache/`` so later runs start in a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from tqdm.auto import tqdm
+
+from datamodules.base import ImageDataModule
+
+
+class GTSRBDataModule(ImageDataModule):
+    """GTSRB resized to ``image_size`` (default 32).  No horizontal flip: signs are not symmetric."""
+
+    name = "gtsrb"
+    num_classes = 43
+    in_channels = 3
+    hflip = False
+
+    def __init__(self, *args, image_size: int = 32, **kwargs):
+        super().__init__(*args, **kwargs)
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {image_size}")
+        self.image_size = image_size
+
+    @property
+    def base(self) -> Path:
+        return self.data_root / "gtsrb"
+
+    def expected_files(self) -> list[Path]:
+        return [self.base / "GTSRB" / "Training", self.base / "GTSRB" / "Final_Test" / "Images", self.base / "GT-final_test.csv"]
+
+    def fetch(self) -> None:
+        for split in ("train", "test"):
+            torchvision.datasets.GTSRB(str(self.data_root), split=split, download=True)
+
+    def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        split = "train" if train else "test"
+        cache = self.base / "mixdefense_cache" / f"{split}_{self.image_size}.pt"
+        if cache.exists():
+            payload = torch.load(cache, weights_only=True)
+            return payload["images"], payload["labels"]
+        samples = torchvision.datasets.GTSRB(str(self.data_root), split=split, download=False)._samples
+        size = (self.image_size, self.image_size)
+        images = np.empty((len(samples), size[0], size[1], 3), dtype=np.uint8)
+        labels = np.empty(len(samples), dtype=np.int64)
+        for i, (path, label) in enumerate(tqdm(samples, desc=f"gtsrb: decoding {split}", leave=False)):
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                if img.size != size:
+                    img = img.resize(size, Image.BILINEAR)
+                images[i] = np.asarray(img)
+            labels[i] = label
+        payload = {"images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), "labels": torch.from_numpy(labels)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(cache)
+        return payload["images"], payload["labels"]

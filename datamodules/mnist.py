@@ -1,0 +1,54 @@
+"""MNIST: 60,000 training / 10,000 test grayscale digits, 28×28 (or resized)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from datamodules.base import ImageDataModule
+
+_RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``uint8 [N, C, H, W]`` images to ``size × size`` (bilinear, antialiased)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for chunk in images.split(4096):
+        f = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(f.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+class MNISTDataModule(ImageDataModule):
+    """MNIST in torchvision's layout: ``<data_root>/MNIST/raw/*-ubyte``.
+
+    Args:
+        image_size: 28 (native) or another side length (bilinear resize at load time).
+        (the rest: see :class:`~datamodules.base.ImageDataModule`)
+    """
+
+    name = "mnist"
+    num_classes = 10
+    in_channels = 1
+    hflip = False  # digits are not mirror-symmetric
+
+    def __init__(self, *args, image_size: int = 28, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.image_size = image_size
+
+    def expected_files(self) -> list[Path]:
+        return [self.data_root / "MNIST" / "raw" / f for f in _RAW]
+
+    def fetch(self) -> None:
+        for train in (True, False):
+            torchvision.datasets.MNIST(str(self.data_root), train=train, download=True)
+
+    def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = torchvision.datasets.MNIST(str(self.data_root), train=train, download=False)
+        images = ds.data.unsqueeze(1).contiguous()  # uint8 [N, 1, 28, 28]
+        return resize_uint8(images, self.image_size), ds.targets.long()

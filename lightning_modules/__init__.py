@@ -1,0 +1,6 @@
+"""LightningModules over the plain-PyTorch core in :mod:`mixdefense`."""
+
+from lightning_modules.callbacks import ExportClassifier, WallClock
+from lightning_modules.classifier import ClassifierModule
+
+__all__ = ["ClassifierModule", "ExportClassifier", "WallClock"]

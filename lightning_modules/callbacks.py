@@ -1,0 +1,80 @@
+"""Callbacks shared by the training stages."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from mixdefense.classifiers import save_classifier
+
+
+class WallClock(pl.Callback):
+    """Logs ``time/train_s``: wall-clock seconds of training so far, at every validation.
+
+    The CSV log then holds validation accuracy against training time (the curve the
+    CPU profiles report).  Time spent in validation is not counted.
+    """
+
+    def __init__(self):
+        self.elapsed = 0.0
+        self._start: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self._start is not None:
+            self.elapsed += time.perf_counter() - self._start
+            self._start = None
+        pl_module.log("time/train_s", self.elapsed, on_epoch=True, on_step=False)
+
+    def state_dict(self):
+        return {"elapsed": self.elapsed}
+
+    def load_state_dict(self, state_dict):
+        self.elapsed = float(state_dict.get("elapsed", 0.0))
+
+
+class ExportClassifier(pl.Callback):
+    """At the end of ``fit`` (and ``test``), write the best classifier as a plain weights file.
+
+    The file (see :func:`mixdefense.classifiers.save_classifier`) is small, loads with
+    ``torch.load(..., weights_only=True)`` and needs no Lightning.  A JSON summary
+    (``<path>.json``) records the checkpoint it came from and its metrics.
+    """
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def _export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: str) -> None:
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
+            return
+        if not trainer.is_global_zero:
+            return
+        model = pl_module.model
+        ckpt_cb = trainer.checkpoint_callback
+        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+        if source == "fit" and best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            model = type(model)(**model.config)
+            model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        save_classifier(model.to(memory_format=torch.contiguous_format), self.path, source_checkpoint=best, metrics=metrics)
+        summary_path = self.path.with_suffix(".json")
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        if source == "fit":
+            summary = {}  # a new fit starts a new record
+        summary.update({"path": str(self.path), "size_bytes": self.path.stat().st_size})
+        summary[source] = {"source_checkpoint": best or None, "metrics": metrics}
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"exported classifier to {self.path} ({summary['size_bytes'] / 1e6:.2f} MB)")
+
+    def on_fit_end(self, trainer, pl_module):
+        self._export(trainer, pl_module, "fit")
+
+    def on_test_end(self, trainer, pl_module):
+        self._export(trainer, pl_module, "test")

@@ -1,0 +1,80 @@
+"""The one entry point: ``mixdefense <command> ...``.
+
+* ``mixdefense fit|validate|test|predict --config experiments/<dataset>/<stage>.yaml`` —
+  a LightningCLI (subclass mode: the YAML names the LightningModule and the DataModule by
+  ``class_path``; OmegaConf parser mode, so configs may interpolate ``${...}``).
+* ``mixdefense <tool> ...`` — the framework's own tools (``mixdefense --help`` lists them).
+
+This module is the only part of :mod:`mixdefense` that imports Lightning, ``datamodules``
+and ``lightning_modules``; it does so lazily, inside the commands.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
+    from mixdefense import tools
+
+    return tools.TOOLS
+
+
+def run_lightning_cli(args: Sequence[str]):
+    """Run a LightningCLI subcommand over any LightningModule / LightningDataModule."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.cli import LightningCLI
+
+    import datamodules  # noqa: F401  (makes their class paths importable by short name)
+    import lightning_modules  # noqa: F401
+
+    return LightningCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=list(args),
+    )
+
+
+def _usage() -> str:
+    lines = [
+        "usage: mixdefense {fit,validate,test,predict} --config experiments/<dataset>/<stage>.yaml [overrides]",
+        "       mixdefense <tool> [options]",
+        "",
+        "Lightning commands (LightningCLI; `mixdefense fit --help` for all options):",
+        "  fit, validate, test, predict",
+        "",
+        "Tools:",
+    ]
+    lines += [f"  {name:<18} {doc}" for name, (_, doc) in sorted(_tools().items())]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # W&B never needs a network or an account here: offline unless the user says otherwise.
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    command = args[0]
+    if command in LIGHTNING_COMMANDS:
+        run_lightning_cli(args)
+        return 0
+    tools = _tools()
+    if command in tools:
+        return int(tools[command][0](args[1:]) or 0)
+    print(f"mixdefense: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Datamodules on the real, materialised datasets: counts, shapes, ranges, split, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules import CIFAR10DataModule, DatasetNotFoundError, GTSRBDataModule, MNISTDataModule
+from datamodules.base import random_hflip, random_translate
+
+# (class, train + val, test, channels, size, classes)
+REAL = [
+    (MNISTDataModule, 60000, 10000, 1, 28, 10),
+    (CIFAR10DataModule, 50000, 1000, 3, 32, 10),  # this machine's copy: the first 1,000 official test images
+    (GTSRBDataModule, 39209, 12630, 3, 32, 43),
+]
+
+
+@pytest.mark.parametrize("cls,n_train,n_test,channels,size,classes", REAL, ids=lambda v: getattr(v, "name", None))
+def test_real_counts_shapes_and_range(data_root, cls, n_train, n_test, channels, size, classes):
+    dm = cls(data_root=str(data_root), batch_size=64, val_fraction=0.1)
+    dm.setup()
+    assert len(dm.data_train) + len(dm.data_val) == n_train
+    assert len(dm.data_val) == round(n_train * 0.1)
+    assert len(dm.data_test) == n_test
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (64, channels, size, size) and x.dtype == torch.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5  # [0, 1], not normalised
+    assert y.dtype == torch.long
+    labels = torch.cat([dm.data_train.labels, dm.data_val.labels])
+    assert labels.unique().tolist() == list(range(classes))
+    assert (cls.num_classes, cls.in_channels, dm.image_size) == (classes, channels, size)
+
+
+def test_mnist_pixel_mean_matches_reference(data_root):
+    dm = MNISTDataModule(data_root=str(data_root), val_fraction=0.0)
+    dm.setup("fit")
+    mean = dm.data_train.images.float().mean().item()
+    assert abs(mean - 33.32) < 0.05  # ../shared/data/README.md: pixel mean 33.32 on the training set
+
+
+def test_split_is_seeded_and_disjoint(data_root):
+    a = MNISTDataModule(data_root=str(data_root), seed=1, train_subset=2000)
+    b = MNISTDataModule(data_root=str(data_root), seed=1, train_subset=2000)
+    c = MNISTDataModule(data_root=str(data_root), seed=2, train_subset=2000)
+    for dm in (a, b, c):
+        dm.setup("fit")
+    assert torch.equal(a.data_val.images, b.data_val.images)
+    assert not torch.equal(a.data_val.images, c.data_val.images)
+    assert len(a.data_train) == 1800 and len(a.data_val) == 200
+
+
+def test_gtsrb_resize_option(data_root):
+    dm = GTSRBDataModule(data_root=str(data_root), image_size=24, test_subset=10)
+    dm.setup("test")
+    assert dm.data_test.images.shape == (10, 3, 24, 24)
+
+
+@pytest.mark.parametrize("cls", [MNISTDataModule, CIFAR10DataModule, GTSRBDataModule])
+def test_missing_data_error_names_folder_and_files(tmp_path, cls):
+    dm = cls(data_root=str(tmp_path / "nowhere"), download=False)
+    with pytest.raises(DatasetNotFoundError) as info:
+        dm.setup("fit")
+    msg = str(info.value)
+    assert str((tmp_path / "nowhere").resolve()) in msg
+    assert str(dm.expected_files()[0]) in msg
+    assert "download=True" in msg
+
+
+def test_download_failure_is_reported_clearly(tmp_path, monkeypatch):
+    dm = MNISTDataModule(data_root=str(tmp_path), download=True)
+
+    def offline():
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(dm, "fetch", offline)
+    with pytest.raises(DatasetNotFoundError, match="download failed: network is unreachable"):
+        dm.prepare_data()
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="val_fraction"):
+        MNISTDataModule(val_fraction=1.5)
+    with pytest.raises(ValueError, match="batch_size"):
+        MNISTDataModule(batch_size=0)
+
+
+def test_random_translate_is_a_shift_with_zero_fill():
+    x = torch.arange(2 * 1 * 5 * 5, dtype=torch.float32).view(2, 1, 5, 5) + 1
+    gen = torch.Generator().manual_seed(0)
+    out = random_translate(x, pad=2, generator=gen)
+    assert out.shape == x.shape
+    for i in range(2):
+        # every output is some shift of the input: compare against all 25 candidate shifts
+        padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
+        shifts = [padded[:, dy:dy + 5, dx:dx + 5] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], s) for s in shifts)
+    assert torch.equal(random_translate(x, pad=0), x)
+
+
+def test_random_hflip_flips_some_images_exactly():
+    x = torch.rand(64, 3, 4, 4)
+    out = random_hflip(x, generator=torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[i], x[i].flip(-1)) for i in range(64)]
+    kept = [torch.equal(out[i], x[i]) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept))
+    assert 10 < sum(flipped) < 54
