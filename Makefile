@@ -18,13 +18,14 @@ else
   SUFFIX :=
 endif
 
-.PHONY: help install data test test-slow demo train-classifier clean-runs
+.PHONY: help install data test test-slow demo train-classifier saec clean-runs
 
 help:
 	@echo "make demo                         the main job (installs, fetches data, runs)"
 	@echo "make test                         the fast test suite (installs what it needs)"
 	@echo "make test-slow                    the slow tests (training, sweeps)"
 	@echo "make train-classifier DATASET=ds  train + test the target classifier (PROFILE=cpu|paper)"
+	@echo "make saec DATASET=ds              calibrate SAEC on uniform noise, then evaluate it against attacks"
 	@echo "datasets: mnist cifar10 gtsrb; data root: \$$MIXDEFENSE_DATA (default ./data)"
 
 # A virtual environment with the package installed (editable) and its test extras.
@@ -55,6 +56,10 @@ train-classifier: $(STAMP) data
 	$(MD) fit --config experiments/$(DATASET)/classifier$(SUFFIX).yaml $(ARGS)
 	$(MD) test --config experiments/$(DATASET)/classifier$(SUFFIX).yaml $(ARGS) \
 		--ckpt_path checkpoints/$(DATASET)/classifier$(SUFFIX)/best.ckpt
+
+saec: $(STAMP) data
+	$(MD) saec calibrate --config experiments/$(DATASET)/saec.yaml
+	$(MD) saec evaluate --config experiments/$(DATASET)/saec.yaml
 
 demo: $(STAMP) data
 	$(MAKE) train-classifier DATASET=mnist

@@ -18,10 +18,42 @@ from collections.abc import Callable, Sequence
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
-    from mixdefense import tools
+def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, data_root: str | None = None):
+    """``(x float [N, C, H, W] in [0, 1], y int64 [N])`` of a dataset split, via its datamodule.
 
-    return tools.TOOLS
+    ``split="train"`` draws ``n`` images of the whole training set in a seeded random order;
+    ``split="test"`` takes the first ``n`` test images (all when ``n`` is None).
+    """
+    import torch
+
+    from datamodules import DATAMODULES
+
+    if dataset not in DATAMODULES:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATAMODULES)}")
+    dm = DATAMODULES[dataset](data_root=data_root, val_fraction=0.0)
+    if split == "train":
+        dm.setup("fit")
+        images, labels = dm.data_train.images, dm.data_train.labels
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
+        images, labels = images[order], labels[order]
+    elif split == "test":
+        dm.setup("test")
+        images, labels = dm.data_test.images[:n], dm.data_test.labels[:n]
+    else:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    return images.float() / 255, labels
+
+
+def _saec(argv: list[str]) -> int:
+    from mixdefense import saec_report
+
+    return saec_report.main(argv, load_images=load_images)
+
+
+def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
+    return {
+        "saec": (_saec, "calibrate SAEC on uniform noise / evaluate it against attacks (experiments/<ds>/saec.yaml)"),
+    }
 
 
 def run_lightning_cli(args: Sequence[str]):

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchmetrics.functional.classification import binary_auroc
 
+from mixdefense.metrics import detection_auroc
 from mixdefense.validation import check_images
 
 #: Steganalysis high-pass kernels (spatial rich model; Fridrich & Kodovský 2012).
@@ -70,8 +70,9 @@ def kernel_tensor(name: str) -> torch.Tensor:
 def pseudo_saturation(x: torch.Tensor, p: float = 8.0, gray_mode: str = "local_mean") -> torch.Tensor:
     """Eq. 1: ``(Σ_c |x_c − x_mean|^p)^(1/p)`` → ``[B, H, W]`` (see the module docstring for C = 1).
 
-    Computed as ``m · (Σ_c (|d_c| / m)^p)^(1/p)`` with ``m = max_c |d_c|``, which avoids
-    underflow of ``|d|^p`` for small deviations and large ``p``.
+    The deviations are scaled by a constant ``s`` before the power and the result divided
+    by ``s`` (exact in exact arithmetic): ``|d|^p`` of an 8-bit step (≈ 1/765) would
+    otherwise underflow float32 for ``p ≥ 16``.
     """
     if x.shape[1] == 1:
         if gray_mode == "identity":
@@ -79,25 +80,39 @@ def pseudo_saturation(x: torch.Tensor, p: float = 8.0, gray_mode: str = "local_m
         if gray_mode != "local_mean":
             raise ValueError(f"gray_mode must be one of {GRAY_MODES}, got {gray_mode!r}")
         local = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        return (x - local).abs()[:, 0]
-    d = (x - x.mean(dim=1, keepdim=True)).abs()
-    m = d.amax(dim=1, keepdim=True)
-    ratio = (d / m.clamp_min(1e-12)).clamp_min(1e-4)  # (1e-4)^8 adds nothing next to the max term (= 1)
-    return (m * ratio.pow(p).sum(dim=1, keepdim=True).pow(1.0 / p))[:, 0]
+        return (x - local).abs_()[:, 0]
+    scale = min(64.0, (1e30 / x.shape[1]) ** (1.0 / p))  # keeps scale^p · C below float32's max
+    d = (x - x.mean(dim=1, keepdim=True)).mul_(scale)
+    if not (float(p).is_integer() and int(p) % 2 == 0):
+        d = d.abs_()
+    return d.pow_(p).sum(dim=1).pow_(1.0 / p).div_(scale)
+
+
+def high_pass(sat: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Valid (unpadded) convolution of every map ``sat [B, H, W]`` with ``kernel [1, 1, k, k]``.
+
+    Run as one depthwise convolution over a ``[1, B, H, W]`` tensor, which is about ten
+    times faster on a CPU than a one-channel convolution over ``[B, 1, H, W]``.
+    """
+    b = sat.shape[0]
+    k = kernel.to(sat.dtype)
+    return F.conv2d(sat[None], k.expand(b, 1, -1, -1), groups=b)[0]
 
 
 def batched_histogram(v: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
     """Per-row histogram of ``v [B, N]`` → counts ``[B, bins]`` (float), like :func:`torch.histc`.
 
     Bins are equal over ``[lo, hi]``; a value equal to ``hi`` goes to the last bin; values
-    outside ``[lo, hi]`` (and NaN) are ignored.  One ``bincount`` for the whole batch.
+    outside ``[lo, hi]`` (and NaN) are ignored.  One ``bincount`` for the whole batch: an
+    out-of-range value is sent to an extra per-row overflow slot that is then dropped.
     """
     b = v.shape[0]
-    pos = ((v - lo) * (bins / (hi - lo))).floor()
     inside = (v >= lo) & (v <= hi)
-    idx = pos.clamp(0, bins - 1).long()  # v == hi lands on `bins`, clamped to the last bin
-    flat = (idx + torch.arange(b, device=v.device)[:, None] * bins)[inside]
-    return torch.bincount(flat, minlength=b * bins).view(b, bins).to(v.dtype)
+    pos = (v - lo).mul_(bins / (hi - lo)).floor_().clamp_(0, bins - 1)
+    idx = pos.to(torch.int64).masked_fill_(~inside, bins)
+    idx += torch.arange(b, device=v.device)[:, None] * (bins + 1)
+    counts = torch.bincount(idx.view(-1), minlength=b * (bins + 1)).view(b, bins + 1)
+    return counts[:, :bins].to(v.dtype)
 
 
 @dataclass
@@ -186,8 +201,7 @@ class SAEC(nn.Module):
     # -- scoring -----------------------------------------------------------------------
     def noise_contrast(self, x: torch.Tensor) -> torch.Tensor:
         """The high-pass-filtered pseudo-saturation map ``[B, H−k+1, W−k+1]``."""
-        sat = pseudo_saturation(x, float(self.p), self.gray_mode)
-        return F.conv2d(sat[:, None], self.kernel.to(sat.dtype))[:, 0]
+        return high_pass(pseudo_saturation(x, float(self.p), self.gray_mode), self.kernel)
 
     def histogram(self, x: torch.Tensor) -> torch.Tensor:
         """Fractions of the noise-contrast map's pixels per bin, ``[B, bins]``."""
@@ -260,8 +274,7 @@ class SAEC(nn.Module):
             raise ValueError("calibrate: no clean images given")
         sc, sn = torch.cat(clean_scores).double(), torch.cat(noisy_scores).double()
         threshold, frr, tpr = choose_threshold_below(sc, sn, max_clean_rejection)
-        # probability that a noisy copy scores below a clean image
-        auroc = float(binary_auroc(torch.cat([-sc, -sn]), torch.cat([torch.zeros(len(sc)), torch.ones(len(sn))]).long()))
+        auroc = detection_auroc(clean_scores=-sc, adv_scores=-sn)  # P(a noisy copy scores below a clean image)
         if auroc < 0.5:
             raise RuntimeError(
                 f"SAEC calibration: noisy copies do not score below clean images (AUROC {auroc:.3f}); "
@@ -290,3 +303,34 @@ def choose_threshold_below(clean: torch.Tensor, noisy: torch.Tensor, max_clean_r
     gain = torch.where(ok, tpr - frr, torch.full_like(tpr, -math.inf))
     best = int(torch.argmax(gain))  # first maximum = lowest threshold
     return float(cand[best]), float(frr[best]), float(tpr[best])
+
+
+def save_saec(saec: SAEC, path, **metadata) -> None:
+    """Write the layer (settings, threshold, calibration) as a ``weights_only``-loadable file."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": "mixdefense.saec/1", "settings": saec.settings(),
+               "state_dict": {k: v.cpu() for k, v in saec.state_dict().items()}, "metadata": metadata}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_saec(path) -> SAEC:
+    """Load a layer written by :func:`save_saec` (``torch.load(..., weights_only=True)``)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"SAEC file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"refusing to load {path}: not a plain-weights file ({err.__class__.__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != "mixdefense.saec/1":
+        raise ValueError(f"{path} is not a MixDefense SAEC file (missing format tag 'mixdefense.saec/1')")
+    saec = SAEC(**{k: v for k, v in payload["settings"].items() if k != "kernel" or v in KERNELS})
+    saec.load_state_dict(payload["state_dict"])
+    return saec

@@ -49,9 +49,10 @@ def check_images(
         hw = (size, size) if isinstance(size, int) else tuple(size)
         if tuple(x.shape[-2:]) != hw:
             raise ValueError(f"{name}: expected images of size {hw[0]}x{hw[1]}, got {x.shape[-2]}x{x.shape[-1]}")
-    if not torch.isfinite(x).all():
+    lo_t, hi_t = torch.aminmax(x)  # one pass; NaN propagates into both
+    lo, hi = lo_t.item(), hi_t.item()
+    if lo != lo or hi != hi or lo in (float("inf"), float("-inf")) or hi in (float("inf"), float("-inf")):
         raise ValueError(f"{name}: contains NaN or Inf values")
-    lo, hi = x.min().item(), x.max().item()
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"{name}: values must lie in [0, 1] (pixel scale), got range [{lo:.4g}, {hi:.4g}]")
     return x

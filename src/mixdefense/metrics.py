@@ -1,0 +1,72 @@
+"""Detection metrics of the paper (§5.1, eqs. 7–8) and the usual ROC summaries.
+
+Conventions: a *rejected* input is one the detector flags as adversarial.  Clean images
+are the positive class of eq. 7 (a clean image accepted is a true positive; an AE
+rejected is a true negative).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+
+def _bool(t: torch.Tensor, name: str) -> torch.Tensor:
+    t = torch.as_tensor(t)
+    if t.dtype != torch.bool:
+        raise ValueError(f"{name}: expected a bool tensor, got {t.dtype}")
+    return t.flatten()
+
+
+def acc_detector(clean_rejected: torch.Tensor, adv_rejected: torch.Tensor) -> float:
+    """Eq. 7: ``(TP + TN) / (TP + TN + FP + FN)`` on clean images and successful AEs.
+
+    TP = clean accepted, FN = clean rejected, TN = AE rejected, FP = AE accepted.  The
+    paper uses a half-and-half mixture; pass equally many of each for that reading.
+    """
+    c, a = _bool(clean_rejected, "clean_rejected"), _bool(adv_rejected, "adv_rejected")
+    if c.numel() + a.numel() == 0:
+        raise ValueError("acc_detector: no images")
+    tp, tn = (~c).sum().item(), a.sum().item()
+    return (tp + tn) / (c.numel() + a.numel())
+
+
+def acc_robust_classifier(adv_rejected: torch.Tensor, adv_correct: torch.Tensor) -> float:
+    """Eq. 8: share of *all* AEs (successful or not) that are detected or correctly classified.
+
+    ``adv_correct``: the classifier's label on the AE equals the true label.  An AE that
+    is both rejected and correctly classified counts once, so the value lies in [0, 1].
+    """
+    r, ok = _bool(adv_rejected, "adv_rejected"), _bool(adv_correct, "adv_correct")
+    if r.shape != ok.shape:
+        raise ValueError(f"adv_rejected and adv_correct differ in shape: {tuple(r.shape)} vs {tuple(ok.shape)}")
+    if r.numel() == 0:
+        raise ValueError("acc_robust_classifier: no AEs")
+    return (r | ok).float().mean().item()
+
+
+def to_unit_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Map scores monotonically (ties kept) onto [0, 1] by their dense rank.
+
+    torchmetrics applies a sigmoid to predictions outside [0, 1], which saturates in
+    floating point (all large scores become 1.0, i.e. false ties); ranks avoid that and
+    leave every ROC quantity unchanged.
+    """
+    uniq, inv = torch.unique(scores.flatten(), return_inverse=True)
+    return inv.double() / max(len(uniq) - 1, 1)
+
+
+def detection_auroc(clean_scores: torch.Tensor, adv_scores: torch.Tensor) -> float:
+    """AUROC of telling AEs (positive here) from clean images, larger score = more adversarial."""
+    scores = to_unit_ranks(torch.cat([clean_scores.flatten(), adv_scores.flatten()]).double())
+    target = torch.cat([torch.zeros(clean_scores.numel()), torch.ones(adv_scores.numel())]).long()
+    return float(binary_auroc(scores, target))
+
+
+def tpr_at_fpr(clean_scores: torch.Tensor, adv_scores: torch.Tensor, fpr: float = 0.05) -> float:
+    """Share of AEs detected at the threshold that rejects at most ``fpr`` of the clean images."""
+    scores = to_unit_ranks(torch.cat([clean_scores.flatten(), adv_scores.flatten()]).double())
+    target = torch.cat([torch.zeros(clean_scores.numel()), torch.ones(adv_scores.numel())]).long()
+    f, t, _ = binary_roc(scores, target)
+    ok = f <= fpr + 1e-12
+    return float(t[ok].max()) if ok.any() else 0.0

@@ -1,0 +1,90 @@
+"""Figures (matplotlib, Agg backend): budget curves and score histograms, written as PNG."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def _eps_label(norm: str) -> str:
+    return "ε (L∞, ×1/255)" if norm == "linf" else "ε (L2, whole image, [0, 1] scale)"
+
+
+def budget_curves(
+    rows: Sequence[dict], path: str | Path, metrics: Sequence[str] = ("detection_rate", "acc_detector"),
+    title: str = "", group: str = "defense",
+) -> Path:
+    """One panel per attack; a line per (``group`` value, metric) over ε; dropped points hidden.
+
+    ``rows``: dicts with ``attack``, ``norm``, ``eps``, ``kept`` and the metric keys.
+    """
+    by_attack: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_attack[r["attack"]].append(r)
+    n = len(by_attack)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
+    for ax, (attack, items) in zip(axes[0], by_attack.items()):
+        norm = items[0]["norm"]
+        scale = 255.0 if norm == "linf" else 1.0
+        lines: dict[tuple, list[dict]] = defaultdict(list)
+        for r in items:
+            for m in metrics:
+                lines[(r.get(group, ""), m)].append(r)
+        for (g, m), pts in lines.items():
+            pts = sorted((p for p in pts if p["kept"]), key=lambda p: p["eps"])
+            if not pts:
+                continue
+            label = f"{g} {m}".strip()
+            ax.plot([p["eps"] * scale for p in pts], [p[m] for p in pts], marker="o", ms=3, label=label)
+        ax.set_title(attack)
+        ax.set_xlabel(_eps_label(norm))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("rate")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def score_histograms(
+    scores: dict[str, torch.Tensor], threshold: float, path: str | Path, title: str = "", log: bool = True,
+    xlabel: str = "score",
+) -> Path:
+    """Overlaid histograms of score sets with the threshold as a vertical line."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    vals = {k: v.detach().double().cpu() for k, v in scores.items()}
+    allv = torch.cat(list(vals.values()))
+    if log:
+        allv = allv[allv > 0]
+        lo, hi = allv.min().log10().item(), allv.max().log10().item()
+        edges = torch.logspace(lo, hi, 80).numpy()
+        ax.set_xscale("log")
+    else:
+        edges = torch.linspace(allv.min().item(), allv.max().item(), 80).numpy()
+    for name, v in vals.items():
+        ax.hist(v.numpy(), bins=edges, alpha=0.55, label=f"{name} (n={len(v)})")
+    ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3g}")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
