@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from mixdefense.io import atomic_torch_save, load_tagged
 from mixdefense.validation import check_images
 
 #: Per-dataset channel statistics of the training sets in [0, 1] scale.
@@ -225,31 +226,18 @@ def save_classifier(model: Classifier, path: str | Path, **metadata: Any) -> Pat
 
     The file loads with ``torch.load(path, weights_only=True)``: no pickled code.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": "mixdefense.classifier/1",
         "config": model.config,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": metadata,
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
     """Load a classifier written by :func:`save_classifier` (safe: ``weights_only=True``)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"classifier file not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle carrying code, truncated file, …
-        raise ValueError(f"refusing to load {path}: not a plain-weights file ({err.__class__.__name__}: {err})") from err
-    if not isinstance(payload, dict) or payload.get("format") != "mixdefense.classifier/1":
-        raise ValueError(f"{path} is not a MixDefense classifier file (missing format tag 'mixdefense.classifier/1')")
+    payload = load_tagged(path, "mixdefense.classifier/1", "classifier", map_location)
     model = Classifier(**payload["config"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()

@@ -17,6 +17,15 @@ def _eps_label(norm: str) -> str:
     return "ε (L∞, ×1/255)" if norm == "linf" else "ε (L2, whole image, [0, 1] scale)"
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def budget_curves(
     rows: Sequence[dict], path: str | Path, metrics: Sequence[str] = ("detection_rate", "acc_detector"),
     title: str = "", group: str = "defense",
@@ -51,12 +60,7 @@ def budget_curves(
     axes[0][-1].legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def score_histograms(
@@ -82,9 +86,4 @@ def score_histograms(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

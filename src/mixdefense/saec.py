@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mixdefense.io import atomic_torch_save, load_tagged
 from mixdefense.metrics import detection_auroc
 from mixdefense.validation import check_images
 
@@ -307,30 +308,14 @@ def choose_threshold_below(clean: torch.Tensor, noisy: torch.Tensor, max_clean_r
 
 def save_saec(saec: SAEC, path, **metadata) -> None:
     """Write the layer (settings, threshold, calibration) as a ``weights_only``-loadable file."""
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": "mixdefense.saec/1", "settings": saec.settings(),
                "state_dict": {k: v.cpu() for k, v in saec.state_dict().items()}, "metadata": metadata}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    atomic_torch_save(payload, path)
 
 
 def load_saec(path) -> SAEC:
     """Load a layer written by :func:`save_saec` (``torch.load(..., weights_only=True)``)."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"SAEC file not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"refusing to load {path}: not a plain-weights file ({err.__class__.__name__}: {err})") from err
-    if not isinstance(payload, dict) or payload.get("format") != "mixdefense.saec/1":
-        raise ValueError(f"{path} is not a MixDefense SAEC file (missing format tag 'mixdefense.saec/1')")
+    payload = load_tagged(path, "mixdefense.saec/1", "SAEC")
     saec = SAEC(**{k: v for k, v in payload["settings"].items() if k != "kernel" or v in KERNELS})
     saec.load_state_dict(payload["state_dict"])
     return saec

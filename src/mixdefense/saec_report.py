@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mixdefense.classifiers import load_classifier
+from mixdefense.io import atomic_write_text
 from mixdefense.evaluation import budget_curve, correctly_classified
 from mixdefense.plots import budget_curves, score_histograms
 from mixdefense.saec import SAEC, load_saec, save_saec
@@ -47,13 +49,6 @@ def load_config(path: str, overrides: list[str]):
     if unknown:
         raise ValueError(f"{path}: unknown saec setting(s) {sorted(unknown)}")
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def calibrate(cfg: dict, load_images: LoadImages) -> dict:
@@ -85,7 +80,7 @@ def calibrate(cfg: dict, load_images: LoadImages) -> dict:
     report = {"dataset": cfg["dataset"], "settings": saec.settings(), "calibration": cal.as_dict(),
               "rule": "reject when NL < threshold", "test_clean_rejection_rate": test_frr,
               "num_test_images": len(x_test), "calibration_seconds": seconds, "layer": str(layer), "figure": str(png)}
-    _atomic_write(report_dir / "saec_calibration.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(report_dir / "saec_calibration.json", json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return report
 
@@ -111,14 +106,14 @@ def evaluate(cfg: dict, load_images: LoadImages) -> list[dict]:
         for r in budget_curve(model, detector, attack, x, y, budgets=budgets, min_successes=e.get("min_successes", 100)):
             rows.append({"defense": "SAEC", **r.as_dict()})
     out = Path(cfg["output"]["report_dir"])
-    _atomic_write(out / "saec_attacks.json", json.dumps({"dataset": cfg["dataset"], "num_images": len(y),
+    atomic_write_text(out / "saec_attacks.json", json.dumps({"dataset": cfg["dataset"], "num_images": len(y),
                                                           "settings": saec.settings(), "threshold": float(saec.threshold),
                                                           "rows": rows}, indent=1) + "\n")
-    with open(out / "saec_attacks.csv.tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    (out / "saec_attacks.csv.tmp").replace(out / "saec_attacks.csv")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "saec_attacks.csv", buf.getvalue())
     budget_curves(rows, out / "saec_attacks.png", metrics=("detection_rate", "acc_detector"),
                   title=f"SAEC on {cfg['dataset']} ({len(y)} correctly classified test images)")
     print(f"{'attack':<10} {'eps':>8} {'succ':>5} {'detect':>7} {'acc_det':>7} {'clean_rej':>9}")

@@ -1,0 +1,35 @@
+"""Slow: a real (short) training run through the CLI, checkpoint, export and reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mixdefense.classifiers import load_classifier
+from mixdefense.cli import main
+
+from .conftest import REPO
+
+
+@pytest.mark.slow
+def test_mnist_lenet_trains_exports_and_reloads(data_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = str(REPO / "experiments/mnist/classifier.yaml")
+    common = [f"--data.init_args.data_root={data_root.resolve()}", "--data.init_args.train_subset=12000",
+              "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.max_epochs=1"]
+    assert main(["fit", "--config", cfg, *common]) == 0
+    assert (tmp_path / "checkpoints/mnist/classifier/best.ckpt").exists()
+    assert main(["test", "--config", cfg, *common, "--ckpt_path", "checkpoints/mnist/classifier/best.ckpt"]) == 0
+    summary = json.loads((tmp_path / "artifacts/mnist/classifier.json").read_text())
+    assert summary["test"]["metrics"]["test/acc"] > 0.95
+    model = load_classifier(tmp_path / "artifacts/mnist/classifier.pt")
+    from datamodules import MNISTDataModule
+
+    dm = MNISTDataModule(data_root=str(data_root), test_subset=1000)
+    dm.setup("test")
+    x, y = dm.data_test.images.float() / 255, dm.data_test.labels
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.95
