@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 
 from mixdefense.cli import main
 
-from .conftest import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10", "gtsrb"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from mixdefense.classifiers import load_classifier
 from mixdefense.cli import main
 
-from .conftest import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
