@@ -16,10 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_mnist_lenet_trains_exports_and_reloads(data_root, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # runs/, checkpoints/ and artifacts/ land in tmp_path
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     cfg = str(REPO / "experiments/mnist/classifier.yaml")
     common = [f"--data.init_args.data_root={data_root.resolve()}", "--data.init_args.train_subset=12000",
-              "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.max_epochs=1"]
+              "--trainer.accelerator=cpu", "--trainer.max_epochs=1"]
     assert main(["fit", "--config", cfg, *common]) == 0
     assert (tmp_path / "checkpoints/mnist/classifier/best.ckpt").exists()
     assert main(["test", "--config", cfg, *common, "--ckpt_path", "checkpoints/mnist/classifier/best.ckpt"]) == 0
