@@ -1,0 +1,221 @@
+"""Training of the revised cGAN with Algorithm 1 (paper §4.1): per batch update G, then E, then D.
+
+Manual optimisation with three optimizers.  Losses (eqs. 3–5):
+
+* G: ``w_adv · adv_G(D(G(z, y), y)) + Dist(G(z, y), x)`` with ``z ~ q(z|x)`` (E frozen);
+  with ``wrong_label_adv`` also ``w_adv · adv_G(D(G(z, y′), y′))`` for random wrong labels
+  ``y′`` — the term that pushes G to obey the label (D sees those fakes with ``y′``).
+* E: ``Dist(G(z, y), x) + w_kl · KL(q(z|x) ‖ N(0, I))`` (G frozen).
+* D (``d_steps`` times): real ``(x, y)`` against fake ``(G(z, y), y)`` (and ``(G(z, y′), y′)``).
+
+``Dist = w_l2 · MSE + w_ssim · (1 − SSIM)`` (torchmetrics SSIM, data range 1).  ``adv_loss``:
+``"hinge"`` (D: ``relu(1 − D(real)) + relu(1 + D(fake))``, G: ``−D(fake)``) or ``"bce"``
+(the paper's log-loss form).  A non-finite loss stops training with a clear error.
+
+Validation logs the mean SSIM and MSE of true-label reconstructions (from ``μ``), the KL,
+and — with ``binding_classifier`` (a plain classifier file) — the *label binding*: the
+share of ``G(μ, y′)`` that the classifier labels ``y′`` over all wrong labels ``y′``.  Each
+epoch writes a Figure-8 grid (input, true-label reconstruction, six other labels) as PNG
+under the run folder and to W&B when it is a logger.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+from mixdefense.classifiers import load_classifier
+from mixdefense.nets import Encoder, Generator, ProjectionDiscriminator
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``KL(N(μ, σ²) ‖ N(0, I))`` in nats (summed over latent dims)."""
+    return 0.5 * (logvar.exp() + mu.pow(2) - 1.0 - logvar).sum(1).mean()
+
+
+def random_wrong_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A label ``≠ y`` for every entry, uniform over the other ``num_classes − 1`` classes."""
+    shift = torch.randint(1, num_classes, y.shape, generator=generator, device=y.device)
+    return (y + shift) % num_classes
+
+
+class CGANModule(pl.LightningModule):
+    """The revised cGAN (E, G, D) trained with Algorithm 1.  See the module docstring.
+
+    Args:
+        in_channels, image_size, num_classes: the data (images in [0, 1]).
+        latent_dim: size of z.
+        enc_channels, gen_channels, dis_channels: widths (see :mod:`mixdefense.nets.cgan`).
+        gen_embed_dim: class embedding concatenated to z in G (0: CBN only).
+        lr_g, lr_e, lr_d, beta1, beta2: Adam settings of the three optimizers.
+        w_l2, w_ssim, w_kl, w_adv: loss weights.
+        adv_loss: ``"hinge"`` or ``"bce"``.
+        wrong_label_adv: add the adversarial term on random wrong labels.
+        d_steps: discriminator updates per batch (k of Algorithm 1 applied to D).
+        encoder_noise: probability of adding uniform noise ``U(−a, a)``, ``a ~ U(0, encoder_noise_max)``,
+            to the encoder's input during training (the authors' robustness trick).
+        binding_classifier: path of a plain classifier file for the label-binding metric.
+        grid_images: number of fixed validation images in the Figure-8 grid.
+    """
+
+    def __init__(
+        self, in_channels: int = 1, image_size: int = 32, num_classes: int = 10, latent_dim: int = 16,
+        enc_channels: tuple[int, int, int] = (32, 64, 128), gen_channels: tuple[int, int, int, int] = (128, 128, 64, 32),
+        dis_channels: tuple[int, int, int, int] = (64, 64, 64, 64), gen_embed_dim: int = 0,
+        lr_g: float = 2e-4, lr_e: float = 2e-4, lr_d: float = 2e-4, beta1: float = 0.5, beta2: float = 0.999,
+        w_l2: float = 1.0, w_ssim: float = 1.0, w_kl: float = 1.0, w_adv: float = 0.1, adv_loss: str = "hinge",
+        wrong_label_adv: bool = True, d_steps: int = 1, encoder_noise: float = 0.0, encoder_noise_max: float = 0.1,
+        binding_classifier: str | None = None, grid_images: int = 8,
+    ):
+        super().__init__()
+        if adv_loss not in ("hinge", "bce"):
+            raise ValueError(f"adv_loss must be 'hinge' or 'bce', got {adv_loss!r}")
+        if d_steps < 1:
+            raise ValueError(f"d_steps must be >= 1, got {d_steps}")
+        if binding_classifier is not None and not Path(binding_classifier).exists():
+            raise FileNotFoundError(f"binding_classifier not found: {binding_classifier} (train it with make train-classifier)")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.encoder = Encoder(in_channels, image_size, enc_channels, latent_dim)
+        self.generator = Generator(in_channels, image_size, latent_dim, num_classes, gen_channels, gen_embed_dim)
+        self.discriminator = ProjectionDiscriminator(in_channels, num_classes, dis_channels)
+        self.binder = load_classifier(binding_classifier).requires_grad_(False) if binding_classifier else None
+        self._grid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # -- losses -----------------------------------------------------------------------
+    def dist(self, x_rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.hparams.w_l2 * F.mse_loss(x_rec, x) + self.hparams.w_ssim * (1.0 - ssim(x_rec, x, data_range=1.0))
+
+    def _adv_g(self, logits: torch.Tensor) -> torch.Tensor:
+        return -logits.mean() if self.hparams.adv_loss == "hinge" else F.softplus(-logits).mean()
+
+    def _adv_d(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        if self.hparams.adv_loss == "hinge":
+            return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.hparams.encoder_noise
+        if not self.training or p <= 0:
+            return x
+        use = (torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p).to(x.dtype)
+        amp = torch.rand(x.shape[0], 1, 1, 1, device=x.device) * self.hparams.encoder_noise_max
+        return (x + use * amp * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
+
+    @staticmethod
+    def _check(name: str, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"cGAN training diverged: {name} loss is {loss.item()}; the last good checkpoint is kept")
+
+    # -- Algorithm 1 ---------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_g, opt_e, opt_d = self.optimizers()
+        k = self.hparams.num_classes
+        y_wrong = random_wrong_labels(y, k) if self.hparams.wrong_label_adv else None
+
+        # 1. generator (encoder and discriminator frozen)
+        self.toggle_optimizer(opt_g)
+        with torch.no_grad():
+            z = self.encoder.sample(self._encoder_input(x))[0]
+        x_rec = self.generator(z, y)
+        dist_g = self.dist(x_rec, x)
+        adv_g = self._adv_g(self.discriminator(x_rec, y))
+        if y_wrong is not None:
+            adv_g = 0.5 * (adv_g + self._adv_g(self.discriminator(self.generator(z, y_wrong), y_wrong)))
+        loss_g = dist_g + self.hparams.w_adv * adv_g
+        self._check("generator", loss_g)
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        # 2. encoder (generator and discriminator frozen)
+        self.toggle_optimizer(opt_e)
+        z, mu, logvar = self.encoder.sample(self._encoder_input(x))
+        dist_e = self.dist(self.generator(z, y), x)
+        kl = kl_to_standard_normal(mu, logvar)
+        loss_e = dist_e + self.hparams.w_kl * kl
+        self._check("encoder", loss_e)
+        opt_e.zero_grad()
+        self.manual_backward(loss_e)
+        opt_e.step()
+        self.untoggle_optimizer(opt_e)
+
+        # 3. discriminator
+        with torch.no_grad():
+            fake = self.generator(z.detach(), y)
+            fake_wrong = self.generator(z.detach(), y_wrong) if y_wrong is not None else None
+        self.toggle_optimizer(opt_d)
+        for _ in range(self.hparams.d_steps):
+            loss_d = self._adv_d(self.discriminator(x, y), self.discriminator(fake, y))
+            if fake_wrong is not None:
+                loss_d = 0.5 * (loss_d + self._adv_d(self.discriminator(x, y), self.discriminator(fake_wrong, y_wrong)))
+            self._check("discriminator", loss_d)
+            opt_d.zero_grad()
+            self.manual_backward(loss_d)
+            opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        self.log_dict({"train/loss_g": loss_g.detach(), "train/loss_e": loss_e.detach(), "train/loss_d": loss_d.detach(),
+                       "train/dist": dist_e.detach(), "train/kl": kl.detach()}, prog_bar=True, on_step=True, on_epoch=True)
+
+    # -- validation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction ``G(μ(x), y)`` in [0, 1]."""
+        return self.generator(self.encoder(x)[0], y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        if batch_idx == 0 and self._grid_batch is None:
+            n = self.hparams.grid_images
+            self._grid_batch = (x[:n].detach().clone(), y[:n].detach().clone())
+        mu, logvar = self.encoder(x)
+        x_rec = self.generator(mu, y)
+        self.log("val/ssim", ssim(x_rec, x, data_range=1.0), prog_bar=True, sync_dist=True)
+        self.log("val/mse", F.mse_loss(x_rec, x), sync_dist=True)
+        self.log("val/kl", kl_to_standard_normal(mu, logvar), sync_dist=True)
+        if self.binder is not None:
+            y_wrong = random_wrong_labels(y, self.hparams.num_classes, torch.Generator(device=y.device).manual_seed(batch_idx))
+            x_wrong = self.generator(mu, y_wrong)
+            side = self.binder.image_size
+            if x_wrong.shape[-1] != side:  # e.g. a 28×28 MNIST classifier judging 32×32 reconstructions
+                x_wrong = F.interpolate(x_wrong, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+            pred = self.binder.to(x.device).eval()(x_wrong).argmax(1)
+            self.log("val/binding", (pred == y_wrong).float().mean(), prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self):
+        if self._grid_batch is None or self.trainer.sanity_checking:
+            return
+        grid = self.figure8_grid(*self._grid_batch)
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "grids"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"epoch{self.current_epoch:03d}.png"
+        torchvision.utils.save_image(grid, path)
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_image("val/figure8", [str(path)], step=self.global_step)
+
+    @torch.no_grad()
+    def figure8_grid(self, x: torch.Tensor, y: torch.Tensor, other: int = 6) -> torch.Tensor:
+        """Rows: input, reconstruction with the true label, then with ``other`` other labels."""
+        k = self.hparams.num_classes
+        cols = [x, self.reconstruct(x, y)]
+        for j in range(1, min(other, k - 1) + 1):
+            cols.append(self.reconstruct(x, (y + j) % k))
+        tiles = torch.stack(cols, dim=1).flatten(0, 1)  # [N·cols, C, H, W]
+        return torchvision.utils.make_grid(tiles, nrow=len(cols), padding=1, pad_value=1.0)
+
+    def configure_optimizers(self):
+        betas = (self.hparams.beta1, self.hparams.beta2)
+        return [
+            torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr_g, betas=betas),
+            torch.optim.Adam(self.encoder.parameters(), lr=self.hparams.lr_e, betas=betas),
+            torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr_d, betas=betas),
+        ]
