@@ -28,8 +28,8 @@ import torch
 from omegaconf import OmegaConf
 
 from mixdefense.classifiers import load_classifier
-from mixdefense.io import atomic_write_text
 from mixdefense.evaluation import budget_curve, correctly_classified
+from mixdefense.io import atomic_write_text
 from mixdefense.plots import budget_curves, score_histograms
 from mixdefense.saec import SAEC, load_saec, save_saec
 
