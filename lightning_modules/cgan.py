@@ -112,6 +112,13 @@ class CGANModule(pl.LightningModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(f"cGAN training diverged: {name} loss is {loss.item()}; the last good checkpoint is kept")
 
+    def _descend(self, opt, loss: torch.Tensor, name: str) -> None:
+        """One checked gradient step of ``opt`` on ``loss``."""
+        self._check(name, loss)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
     # -- Algorithm 1 ---------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -129,10 +136,7 @@ class CGANModule(pl.LightningModule):
         if y_wrong is not None:
             adv_g = 0.5 * (adv_g + self._adv_g(self.discriminator(self.generator(z, y_wrong), y_wrong)))
         loss_g = dist_g + self.hparams.w_adv * adv_g
-        self._check("generator", loss_g)
-        opt_g.zero_grad()
-        self.manual_backward(loss_g)
-        opt_g.step()
+        self._descend(opt_g, loss_g, "generator")
         self.untoggle_optimizer(opt_g)
 
         # 2. encoder (generator and discriminator frozen)
@@ -141,10 +145,7 @@ class CGANModule(pl.LightningModule):
         dist_e = self.dist(self.generator(z, y), x)
         kl = kl_to_standard_normal(mu, logvar)
         loss_e = dist_e + self.hparams.w_kl * kl
-        self._check("encoder", loss_e)
-        opt_e.zero_grad()
-        self.manual_backward(loss_e)
-        opt_e.step()
+        self._descend(opt_e, loss_e, "encoder")
         self.untoggle_optimizer(opt_e)
 
         # 3. discriminator
@@ -156,10 +157,7 @@ class CGANModule(pl.LightningModule):
             loss_d = self._adv_d(self.discriminator(x, y), self.discriminator(fake, y))
             if fake_wrong is not None:
                 loss_d = 0.5 * (loss_d + self._adv_d(self.discriminator(x, y), self.discriminator(fake_wrong, y_wrong)))
-            self._check("discriminator", loss_d)
-            opt_d.zero_grad()
-            self.manual_backward(loss_d)
-            opt_d.step()
+            self._descend(opt_d, loss_d, "discriminator")
         self.untoggle_optimizer(opt_d)
 
         self.log_dict({"train/loss_g": loss_g.detach(), "train/loss_e": loss_e.detach(), "train/loss_d": loss_d.detach(),
