@@ -18,13 +18,15 @@ else
   SUFFIX :=
 endif
 
-.PHONY: help install data test test-slow demo train-classifier saec clean-runs
+.PHONY: help install data test test-slow demo train-classifier train-cgan evaluate-cgan saec clean-runs
 
 help:
 	@echo "make demo                         the main job (installs, fetches data, runs)"
 	@echo "make test                         the fast test suite (installs what it needs)"
 	@echo "make test-slow                    the slow tests (training, sweeps)"
 	@echo "make train-classifier DATASET=ds  train + test the target classifier (PROFILE=cpu|paper)"
+	@echo "make train-cgan DATASET=ds        train the revised cGAN (Algorithm 1), export it, evaluate it (PROFILE=cpu|paper)"
+	@echo "make evaluate-cgan DATASET=ds     faithfulness (SSIM) and label binding of the exported cGAN, Figure-8 grid"
 	@echo "make saec DATASET=ds              calibrate SAEC on uniform noise, then evaluate it against attacks"
 	@echo "datasets: mnist cifar10 gtsrb; data root: \$$MIXDEFENSE_DATA (default ./data)"
 
@@ -56,6 +58,14 @@ train-classifier: $(STAMP) data
 	$(MD) fit --config experiments/$(DATASET)/classifier$(SUFFIX).yaml $(ARGS)
 	$(MD) test --config experiments/$(DATASET)/classifier$(SUFFIX).yaml $(ARGS) \
 		--ckpt_path checkpoints/$(DATASET)/classifier$(SUFFIX)/best.ckpt
+
+# Algorithm 1; resume a killed run with ARGS="--ckpt_path checkpoints/$(DATASET)/cgan/last.ckpt".
+train-cgan: $(STAMP) data
+	$(MD) fit --config experiments/$(DATASET)/cgan$(SUFFIX).yaml $(ARGS)
+	$(MAKE) evaluate-cgan DATASET=$(DATASET)
+
+evaluate-cgan: $(STAMP) data
+	$(MD) cgan evaluate --dataset $(DATASET) --weights artifacts/$(DATASET)/cgan$(SUFFIX).pt --out results/$(DATASET)/cgan$(SUFFIX)
 
 saec: $(STAMP) data
 	$(MD) saec calibrate --config experiments/$(DATASET)/saec.yaml

@@ -1,7 +1,7 @@
 """LightningModules over the plain-PyTorch core in :mod:`mixdefense`."""
 
-from lightning_modules.callbacks import ExportClassifier, WallClock
+from lightning_modules.callbacks import ExportCGAN, ExportClassifier, WallClock
 from lightning_modules.cgan import CGANModule
 from lightning_modules.classifier import ClassifierModule
 
-__all__ = ["CGANModule", "ClassifierModule", "ExportClassifier", "WallClock"]
+__all__ = ["CGANModule", "ClassifierModule", "ExportCGAN", "ExportClassifier", "WallClock"]

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from mixdefense.classifiers import save_classifier
+from mixdefense.nets import save_cgan
 
 
 class WallClock(pl.Callback):
@@ -78,3 +79,28 @@ class ExportClassifier(pl.Callback):
 
     def on_test_end(self, trainer, pl_module):
         self._export(trainer, pl_module, "test")
+
+
+class ExportCGAN(pl.Callback):
+    """At the end of ``fit``, write the cGAN's encoder and generator as a plain weights file.
+
+    The weights are those at the end of training (the last checkpoint's): a GAN's
+    validation SSIM alone does not say whether it obeys labels, so "best" by one metric
+    is not the model to ship.  The file (:func:`mixdefense.nets.save_cgan`) loads with
+    :func:`mixdefense.nets.load_cgan` (``weights_only=True``, no Lightning); a JSON summary
+    beside it records the run's last validation metrics, epochs and steps.
+    """
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+
+    def on_fit_end(self, trainer, pl_module):
+        if getattr(trainer, "fast_dev_run", False) or not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        record = {"epochs": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics}
+        save_cgan(pl_module.reconstructor, self.path, **record)
+        summary = {"path": str(self.path), "size_bytes": self.path.stat().st_size, "config": pl_module.reconstructor.config,
+                   **record}
+        self.path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"exported cGAN (encoder + generator) to {self.path} ({summary['size_bytes'] / 1e6:.2f} MB)")

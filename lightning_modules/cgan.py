@@ -8,15 +8,27 @@ Manual optimisation with three optimizers.  Losses (eqs. 3–5):
 * E: ``Dist(G(z, y), x) + w_kl · KL(q(z|x) ‖ N(0, I))`` (G frozen).
 * D (``d_steps`` times): real ``(x, y)`` against fake ``(G(z, y), y)`` (and ``(G(z, y′), y′)``).
 
+With ``mismatch_fake`` D also sees *real* images with random wrong labels ``(x, y′)`` as
+fake (the "matching-aware" discriminator of Reed et al. 2016): the projection term then
+learns what each class looks like, so G's wrong-label adversarial term pushes ``G(z, y′)``
+toward class ``y′``.  Scoring ``(x, y′)`` reuses ``φ(x)``: it costs no convolution.
+
+With ``w_cls > 0`` D also has an auxiliary class critic (AC-GAN style; a small CNN), trained by
+cross-entropy on *real* images only, and G gets ``w_cls · CE(c(G(z, y′)), y′)`` (and the same
+for the true label): the label-binding term.  It acts where the projection term is weak:
+a latent rich enough for faithful reconstructions also carries the class, and G can then
+ignore ``y``; the class critic asks G to draw what ``y`` says.
+
 ``Dist = w_l2 · MSE + w_ssim · (1 − SSIM)`` (torchmetrics SSIM, data range 1).  ``adv_loss``:
 ``"hinge"`` (D: ``relu(1 − D(real)) + relu(1 + D(fake))``, G: ``−D(fake)``) or ``"bce"``
 (the paper's log-loss form).  A non-finite loss stops training with a clear error.
 
 Validation logs the mean SSIM and MSE of true-label reconstructions (from ``μ``), the KL,
 and — with ``binding_classifier`` (a plain classifier file) — the *label binding*: the
-share of ``G(μ, y′)`` that the classifier labels ``y′`` over all wrong labels ``y′``.  Each
-epoch writes a Figure-8 grid (input, true-label reconstruction, six other labels) as PNG
-under the run folder and to W&B when it is a logger.
+share of ``G(μ, y′)`` that the classifier labels ``y′``, one random wrong label ``y′`` per
+image (``mixdefense cgan evaluate`` takes all of them).  Each validation writes a Figure-8
+grid (input, true-label reconstruction, six other labels) as PNG under the run folder
+(``grids/step<N>.png``) and to W&B when it is a logger.
 """
 
 from __future__ import annotations
@@ -30,7 +42,8 @@ import torchvision
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
 from mixdefense.classifiers import load_classifier
-from mixdefense.nets import Encoder, Generator, ProjectionDiscriminator
+from mixdefense.nets import Encoder, Generator, ProjectionDiscriminator, Reconstructor
+from mixdefense.reconstruction import figure8_grid, resize_for
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -57,6 +70,10 @@ class CGANModule(pl.LightningModule):
         adv_loss: ``"hinge"`` or ``"bce"``.
         wrong_label_adv: add the adversarial term on random wrong labels.
         d_steps: discriminator updates per batch (k of Algorithm 1 applied to D).
+        mismatch_fake: D also treats real images with random wrong labels as fake.
+        w_cls: weight of the auxiliary-classifier (label-binding) term in G's loss; > 0 adds a
+            class critic to D, trained on real images with weight 1.
+        lr_cls: Adam learning rate of that critic (a group of D's optimizer).
         encoder_noise: probability of adding uniform noise ``U(−a, a)``, ``a ~ U(0, encoder_noise_max)``,
             to the encoder's input during training (the authors' robustness trick).
         binding_classifier: path of a plain classifier file for the label-binding metric.
@@ -69,7 +86,7 @@ class CGANModule(pl.LightningModule):
         dis_channels: tuple[int, int, int, int] = (64, 64, 64, 64), gen_embed_dim: int = 0,
         lr_g: float = 2e-4, lr_e: float = 2e-4, lr_d: float = 2e-4, beta1: float = 0.5, beta2: float = 0.999,
         w_l2: float = 1.0, w_ssim: float = 1.0, w_kl: float = 1.0, w_adv: float = 0.1, adv_loss: str = "hinge",
-        wrong_label_adv: bool = True, d_steps: int = 1, encoder_noise: float = 0.0, encoder_noise_max: float = 0.1,
+        wrong_label_adv: bool = True, d_steps: int = 1, mismatch_fake: bool = False, w_cls: float = 0.0, lr_cls: float = 1e-3, encoder_noise: float = 0.0, encoder_noise_max: float = 0.1,
         binding_classifier: str | None = None, grid_images: int = 8,
     ):
         super().__init__()
@@ -81,11 +98,19 @@ class CGANModule(pl.LightningModule):
             raise FileNotFoundError(f"binding_classifier not found: {binding_classifier} (train it with make train-classifier)")
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.encoder = Encoder(in_channels, image_size, enc_channels, latent_dim)
-        self.generator = Generator(in_channels, image_size, latent_dim, num_classes, gen_channels, gen_embed_dim)
-        self.discriminator = ProjectionDiscriminator(in_channels, num_classes, dis_channels)
+        self.reconstructor = Reconstructor(in_channels, image_size, num_classes, latent_dim, enc_channels, gen_channels,
+                                           gen_embed_dim)
+        self.discriminator = ProjectionDiscriminator(in_channels, num_classes, dis_channels, aux_classifier=w_cls > 0)
         self.binder = load_classifier(binding_classifier).requires_grad_(False) if binding_classifier else None
         self._grid_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def encoder(self) -> Encoder:
+        return self.reconstructor.encoder
+
+    @property
+    def generator(self) -> Generator:
+        return self.reconstructor.generator
 
     # -- losses -----------------------------------------------------------------------
     def dist(self, x_rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -95,9 +120,12 @@ class CGANModule(pl.LightningModule):
         return -logits.mean() if self.hparams.adv_loss == "hinge" else F.softplus(-logits).mean()
 
     def _adv_d(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        if self.hparams.adv_loss == "hinge":
-            return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
-        return F.softplus(-real).mean() + F.softplus(fake).mean()
+        real_term = F.relu(1.0 - real).mean() if self.hparams.adv_loss == "hinge" else F.softplus(-real).mean()
+        return real_term + self._adv_d_fake(fake)
+
+    def _adv_d_fake(self, fake: torch.Tensor) -> torch.Tensor:
+        """D's loss on logits it should call fake."""
+        return F.relu(1.0 + fake).mean() if self.hparams.adv_loss == "hinge" else F.softplus(fake).mean()
 
     def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
         p = self.hparams.encoder_noise
@@ -132,10 +160,11 @@ class CGANModule(pl.LightningModule):
             z = self.encoder.sample(self._encoder_input(x))[0]
         x_rec = self.generator(z, y)
         dist_g = self.dist(x_rec, x)
-        adv_g = self._adv_g(self.discriminator(x_rec, y))
+        adv_g, cls_g = self._g_terms(x_rec, y)
         if y_wrong is not None:
-            adv_g = 0.5 * (adv_g + self._adv_g(self.discriminator(self.generator(z, y_wrong), y_wrong)))
-        loss_g = dist_g + self.hparams.w_adv * adv_g
+            adv_w, cls_w = self._g_terms(self.generator(z, y_wrong), y_wrong)
+            adv_g, cls_g = 0.5 * (adv_g + adv_w), 0.5 * (cls_g + cls_w)
+        loss_g = dist_g + self.hparams.w_adv * adv_g + self.hparams.w_cls * cls_g
         self._descend(opt_g, loss_g, "generator")
         self.untoggle_optimizer(opt_g)
 
@@ -154,14 +183,31 @@ class CGANModule(pl.LightningModule):
             fake_wrong = self.generator(z.detach(), y_wrong) if y_wrong is not None else None
         self.toggle_optimizer(opt_d)
         for _ in range(self.hparams.d_steps):
-            loss_d = self._adv_d(self.discriminator(x, y), self.discriminator(fake, y))
+            h_real = self.discriminator.features(x)
+            real = self.discriminator.score_features(h_real, y)
+            loss_d = self._adv_d(real, self.discriminator(fake, y))
             if fake_wrong is not None:
-                loss_d = 0.5 * (loss_d + self._adv_d(self.discriminator(x, y), self.discriminator(fake_wrong, y_wrong)))
+                loss_d = 0.5 * (loss_d + self._adv_d(real, self.discriminator(fake_wrong, y_wrong)))
+            if self.hparams.mismatch_fake:
+                mismatched = self.discriminator.score_features(h_real, random_wrong_labels(y, k))
+                loss_d = loss_d + self._adv_d_fake(mismatched)
+            real_cls = self.discriminator.classifier(x) if self.discriminator.classifier is not None else None
+            if real_cls is not None:
+                loss_d = loss_d + F.cross_entropy(real_cls, y)
             self._descend(opt_d, loss_d, "discriminator")
         self.untoggle_optimizer(opt_d)
 
-        self.log_dict({"train/loss_g": loss_g.detach(), "train/loss_e": loss_e.detach(), "train/loss_d": loss_d.detach(),
-                       "train/dist": dist_e.detach(), "train/kl": kl.detach()}, prog_bar=True, on_step=True, on_epoch=True)
+        logs = {"train/loss_g": loss_g.detach(), "train/loss_e": loss_e.detach(), "train/loss_d": loss_d.detach(),
+                "train/dist": dist_e.detach(), "train/kl": kl.detach()}
+        if real_cls is not None:
+            logs["train/cls_g"] = cls_g.detach()
+        self.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True)
+
+    def _g_terms(self, fake: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """G's adversarial term on ``(fake, y)`` and its class-head cross-entropy toward ``y`` (0 without the head)."""
+        score, cls = self.discriminator.score_and_classify(fake, y)
+        ce = F.cross_entropy(cls, y) if cls is not None else score.new_zeros(())
+        return self._adv_g(score), ce
 
     # -- validation ----------------------------------------------------------------------
     @torch.no_grad()
@@ -181,10 +227,7 @@ class CGANModule(pl.LightningModule):
         self.log("val/kl", kl_to_standard_normal(mu, logvar), sync_dist=True)
         if self.binder is not None:
             y_wrong = random_wrong_labels(y, self.hparams.num_classes, torch.Generator(device=y.device).manual_seed(batch_idx))
-            x_wrong = self.generator(mu, y_wrong)
-            side = self.binder.image_size
-            if x_wrong.shape[-1] != side:  # e.g. a 28×28 MNIST classifier judging 32×32 reconstructions
-                x_wrong = F.interpolate(x_wrong, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+            x_wrong = resize_for(self.binder, self.generator(mu, y_wrong))  # e.g. 32×32 MNIST for a 28×28 LeNet
             pred = self.binder.to(x.device).eval()(x_wrong).argmax(1)
             self.log("val/binding", (pred == y_wrong).float().mean(), prog_bar=True, sync_dist=True)
 
@@ -194,26 +237,29 @@ class CGANModule(pl.LightningModule):
         grid = self.figure8_grid(*self._grid_batch)
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "grids"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"epoch{self.current_epoch:03d}.png"
+        path = folder / f"step{self.global_step:07d}.png"
         torchvision.utils.save_image(grid, path)
         for logger in self.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image("val/figure8", [str(path)], step=self.global_step)
 
-    @torch.no_grad()
     def figure8_grid(self, x: torch.Tensor, y: torch.Tensor, other: int = 6) -> torch.Tensor:
         """Rows: input, reconstruction with the true label, then with ``other`` other labels."""
-        k = self.hparams.num_classes
-        cols = [x, self.reconstruct(x, y)]
-        for j in range(1, min(other, k - 1) + 1):
-            cols.append(self.reconstruct(x, (y + j) % k))
-        tiles = torch.stack(cols, dim=1).flatten(0, 1)  # [N·cols, C, H, W]
-        return torchvision.utils.make_grid(tiles, nrow=len(cols), padding=1, pad_value=1.0)
+        return figure8_grid(self.reconstructor, x, y, self.hparams.num_classes, other)
+
+    def _discriminator_groups(self) -> list[dict]:
+        """D's parameters; the class critic (when there is one) in its own group at ``lr_cls``."""
+        critic = self.discriminator.classifier
+        if critic is None:
+            return [{"params": list(self.discriminator.parameters())}]
+        ids = {id(p) for p in critic.parameters()}
+        return [{"params": [p for p in self.discriminator.parameters() if id(p) not in ids]},
+                {"params": list(critic.parameters()), "lr": self.hparams.lr_cls}]
 
     def configure_optimizers(self):
         betas = (self.hparams.beta1, self.hparams.beta2)
         return [
             torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr_g, betas=betas),
             torch.optim.Adam(self.encoder.parameters(), lr=self.hparams.lr_e, betas=betas),
-            torch.optim.Adam(self.discriminator.parameters(), lr=self.hparams.lr_d, betas=betas),
+            torch.optim.Adam(self._discriminator_groups(), lr=self.hparams.lr_d, betas=betas),
         ]

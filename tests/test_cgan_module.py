@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -28,8 +30,9 @@ def _changed(before, module) -> bool:
     return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 
-def test_one_step_updates_each_network_only_in_its_phase():
-    model = _tiny()
+@pytest.mark.parametrize("w_cls", [0.0, 1.0])
+def test_one_step_updates_each_network_only_in_its_phase(w_cls):
+    model = _tiny(w_cls=w_cls)
     phases = []
     nets = {"generator": model.generator, "encoder": model.encoder, "discriminator": model.discriminator}
 
@@ -87,3 +90,39 @@ def test_bad_settings():
         _tiny(adv_loss="wgan")
     with pytest.raises(FileNotFoundError, match="binding_classifier"):
         _tiny(binding_classifier="nowhere.pt")
+
+
+def _fit(model, tmp_path, epochs, ckpt_path=None, callbacks=()):
+    trainer = pl.Trainer(max_epochs=epochs, limit_val_batches=0, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         callbacks=list(callbacks))
+    trainer.fit(model, _loader(n=16), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_resume_restores_weights_and_all_three_optimizers(tmp_path):
+    first = _tiny(w_cls=1.0)
+    trainer = _fit(first, tmp_path / "b", epochs=1)
+    ckpt = tmp_path / "b" / "epoch1.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)
+    assert len(saved["optimizer_states"]) == 3 and all(s["state"] for s in saved["optimizer_states"])
+
+    seen = {}
+
+    class AtResume(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen["epoch"] = trainer.current_epoch
+            seen["state"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            seen["optim"] = [copy.deepcopy(o.state_dict()) for o in trainer.optimizers]
+
+    resumed = _tiny(w_cls=1.0)
+    _fit(resumed, tmp_path / "c", epochs=2, ckpt_path=ckpt, callbacks=[AtResume()])
+    assert seen["epoch"] == 1  # continued where it stopped, not from scratch
+    for k, v in saved["state_dict"].items():
+        assert torch.equal(seen["state"][k], v), k
+    for now, then in zip(seen["optim"], saved["optimizer_states"]):  # G, E, D: Adam moments and steps came back
+        assert now["state"].keys() == then["state"].keys()
+        for i in now["state"]:
+            assert torch.equal(now["state"][i]["exp_avg"], then["state"][i]["exp_avg"])
+            assert int(now["state"][i]["step"]) == int(then["state"][i]["step"]) > 0

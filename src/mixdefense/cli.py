@@ -18,11 +18,13 @@ from collections.abc import Callable, Sequence
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, data_root: str | None = None):
+def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, data_root: str | None = None,
+                image_size: int | None = None):
     """``(x float [N, C, H, W] in [0, 1], y int64 [N])`` of a dataset split, via its datamodule.
 
     ``split="train"`` draws ``n`` images of the whole training set in a seeded random order;
     ``split="test"`` takes the first ``n`` test images (all when ``n`` is None).
+    ``image_size`` resizes (MNIST, GTSRB) where the datamodule offers it.
     """
     import torch
 
@@ -30,7 +32,7 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
 
     if dataset not in DATAMODULES:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATAMODULES)}")
-    dm = DATAMODULES[dataset](data_root=data_root, val_fraction=0.0)
+    dm = DATAMODULES[dataset](data_root=data_root, val_fraction=0.0, **({"image_size": image_size} if image_size else {}))
     if split == "train":
         dm.setup("fit")
         images, labels = dm.data_train.images, dm.data_train.labels
@@ -50,8 +52,15 @@ def _saec(argv: list[str]) -> int:
     return saec_report.main(argv, load_images=load_images)
 
 
+def _cgan(argv: list[str]) -> int:
+    from mixdefense import cgan_report
+
+    return cgan_report.main(argv, load_images=load_images)
+
+
 def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
     return {
+        "cgan": (_cgan, "evaluate a trained cGAN: faithfulness (SSIM) and label binding, Figure-8 grid"),
         "saec": (_saec, "calibrate SAEC on uniform noise / evaluate it against attacks (experiments/<ds>/saec.yaml)"),
     }
 

@@ -151,16 +151,46 @@ class _DownBlock(nn.Module):
         return h + s
 
 
+class LabelCritic(nn.Module):
+    """A small CNN classifier ``x [B, C, S, S] in [0, 1] → logits [B, K]`` (conv 32 → 64 → 128, global pool).
+
+    The discriminator's class critic for label binding; trained on real images only.  No
+    batch norm: it scores batches of fakes, and batch statistics would let G game it.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        layers, cin = [], in_channels
+        for c in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(cin, c, 3, 1, 1), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            cin = c
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * 2 - 1)
+
+
 class ProjectionDiscriminator(nn.Module):
     """``D(x, y) = ψ(φ(x)) + ⟨embed(y), φ(x)⟩`` with φ = residual blocks + ReLU + global sum pool.
+
+    With ``aux_classifier`` D also carries a class critic ``c(x) → [B, K]`` logits (AC-GAN
+    style, Odena et al. 2017), trained on real images only; the generator is then asked to
+    make ``c`` read its output as the label it was given — a direct pressure on G to obey
+    the label (label binding) that the projection term alone does not exert on
+    reconstructions whose latent already carries the class.  The critic is a small plain
+    CNN of its own (:class:`LabelCritic`), not a head on φ: φ is spectrally normalised and
+    shaped by the real/fake game, and a head on it learned the classes too slowly to guide
+    G (``benchmarks/results/cgan_probe_mnist.md``).
 
     Args:
         in_channels: image channels ``C``.
         num_classes: ``K``.
         channels: widths of the residual blocks (the first three downsample).
+        aux_classifier: add the class critic.
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, channels: Sequence[int] = (128, 128, 128, 128)):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, channels: Sequence[int] = (128, 128, 128, 128),
+                 aux_classifier: bool = False):
         super().__init__()
         blocks, cin = [], in_channels
         for i, c in enumerate(channels):
@@ -169,11 +199,63 @@ class ProjectionDiscriminator(nn.Module):
         self.phi = nn.Sequential(*blocks)
         self.psi = spectral_norm(nn.Linear(cin, 1))
         self.embed = spectral_norm(nn.Embedding(num_classes, cin))
+        self.classifier = LabelCritic(in_channels, num_classes) if aux_classifier else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """φ(x) ``[B, F]``."""
         return F.relu(self.phi(x * 2 - 1)).sum(dim=(2, 3))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.score_and_classify(x, y)[0]
+
+    def score_and_classify(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(D(x, y) [B], class logits [B, K] or None)`` from one pass of φ."""
         h = self.features(x)
+        return self.score_features(h, y), (self.classifier(x) if self.classifier is not None else None)
+
+    def score_features(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``D`` from precomputed features ``h = φ(x)`` ``[B, F]``: scoring other labels costs no convolution."""
         return self.psi(h).squeeze(1) + (self.embed(y) * h).sum(1)
+
+
+CGAN_FORMAT = "mixdefense.cgan/1"
+
+
+class Reconstructor(nn.Module):
+    """The trained cGAN as ContraNet uses it: ``x, y → G(μ(x), y)`` (the discriminator is not kept).
+
+    ``forward(x [B, C, S, S] in [0, 1], y [B] int64) → [B, C, S, S]`` in ``[0, 1]``; deterministic
+    (the encoder mean, no sampling).  :attr:`config` holds the constructor settings, so
+    :func:`load_cgan` can rebuild it from a plain-weights file.
+    """
+
+    def __init__(self, in_channels: int = 3, image_size: int = 32, num_classes: int = 10, latent_dim: int = 80,
+                 enc_channels: Sequence[int] = (64, 128, 256), gen_channels: Sequence[int] = (256, 256, 128, 64),
+                 gen_embed_dim: int = 0):
+        super().__init__()
+        self.config = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes,
+                       "latent_dim": latent_dim, "enc_channels": list(enc_channels), "gen_channels": list(gen_channels),
+                       "gen_embed_dim": gen_embed_dim}
+        self.encoder = Encoder(in_channels, image_size, enc_channels, latent_dim)
+        self.generator = Generator(in_channels, image_size, latent_dim, num_classes, gen_channels, gen_embed_dim)
+        self.in_channels, self.image_size, self.num_classes = in_channels, image_size, num_classes
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.generator(self.encoder(x)[0], y)
+
+
+def save_cgan(model: Reconstructor, path, **record) -> None:
+    """Write ``model`` (encoder + generator) as a plain-weights file (``torch.load(weights_only=True)``)."""
+    from mixdefense.io import atomic_torch_save
+
+    atomic_torch_save({"format": CGAN_FORMAT, "config": model.config, "state_dict": model.state_dict(), **record}, path)
+
+
+def load_cgan(path, map_location="cpu") -> Reconstructor:
+    """Rebuild a :class:`Reconstructor` from :func:`save_cgan`'s file, in eval mode."""
+    from mixdefense.io import load_tagged
+
+    payload = load_tagged(path, CGAN_FORMAT, "cGAN", map_location)
+    model = Reconstructor(**payload["config"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
