@@ -102,9 +102,12 @@ def main(argv=None) -> int:
              "(image, wrong label) pairs the classifier labels as the wrong label, over all wrong labels).", "",
              "| variant | what | batches | train s | SSIM | MSE | binding | true-label acc. |",
              "|---|---|---|---|---|---|---|---|"]
+    def fmt(v, spec):
+        return "–" if v is None else format(v, spec)
+
     for r in results.values():
-        lines.append(f"| {r['variant']} | {r['what']} | {r['batches']} | {r['train_s']} | {r['ssim_mean']:.3f} | "
-                     f"{r['mse_mean']:.4f} | {r['binding']:.3f} | {r['true_label_accuracy']:.3f} |")
+        lines.append(f"| {r['variant']} | {r['what']} | {r['batches']} | {r['train_s']} | {fmt(r['ssim_mean'], '.3f')} | "
+                     f"{fmt(r['mse_mean'], '.4f')} | {fmt(r['binding'], '.3f')} | {fmt(r['true_label_accuracy'], '.3f')} |")
     atomic_write_text(out_json.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -1,8 +1,10 @@
 """Parameter and FLOP counts of the cGAN parts, next to the paper's Table 1 (CIFAR-10).
 
     python benchmarks/cgan_size.py [--enc 112 224 448] [--latent 128] [--gen 384 320 224 128] [--dis 128 128 128 128]
+    python benchmarks/cgan_size.py --config experiments/gtsrb/cgan.yaml     # the sizes a config trains
 
-The defaults are the CIFAR-10 paper profile, sized to match Table 1.
+The defaults are the CIFAR-10 paper profile, sized to match Table 1.  The discriminator
+count excludes the class critic (training only, like D itself).
 
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` for one 32×32 RGB image
 (a multiply-add counts as 2 FLOPs, as in Table 1's convention of GFLOPs).
@@ -35,13 +37,22 @@ def main(argv=None) -> int:
     ap.add_argument("--gen", type=int, nargs=4, default=[384, 320, 224, 128])
     ap.add_argument("--dis", type=int, nargs=4, default=[128, 128, 128, 128])
     ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--channels", type=int, default=3)
+    ap.add_argument("--config", help="take the sizes from a cGAN config's model.init_args instead")
     args = ap.parse_args(argv)
-    x, y = torch.rand(1, 3, 32, 32), torch.zeros(1, dtype=torch.long)
+    if args.config:
+        from omegaconf import OmegaConf
+
+        m = OmegaConf.load(args.config).model.init_args
+        args.enc, args.latent, args.gen, args.dis = list(m.enc_channels), m.latent_dim, list(m.gen_channels), list(m.dis_channels)
+        args.classes, args.channels = m.num_classes, m.in_channels
+    c = args.channels
+    x, y = torch.rand(1, c, 32, 32), torch.zeros(1, dtype=torch.long)
     z = torch.randn(1, args.latent)
     rows = {
-        "encoder": count(Encoder(3, 32, args.enc, args.latent), x),
-        "generator": count(Generator(3, 32, args.latent, args.classes, args.gen), z, y),
-        "discriminator": count(ProjectionDiscriminator(3, args.classes, args.dis), x, y),
+        "encoder": count(Encoder(c, 32, args.enc, args.latent), x),
+        "generator": count(Generator(c, 32, args.latent, args.classes, args.gen), z, y),
+        "discriminator": count(ProjectionDiscriminator(c, args.classes, args.dis), x, y),
     }
     out = {}
     for name, (params, flops) in rows.items():

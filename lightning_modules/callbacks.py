@@ -84,23 +84,41 @@ class ExportClassifier(pl.Callback):
 class ExportCGAN(pl.Callback):
     """At the end of ``fit``, write the cGAN's encoder and generator as a plain weights file.
 
-    The weights are those at the end of training (the last checkpoint's): a GAN's
-    validation SSIM alone does not say whether it obeys labels, so "best" by one metric
-    is not the model to ship.  The file (:func:`mixdefense.nets.save_cgan`) loads with
-    :func:`mixdefense.nets.load_cgan` (``weights_only=True``, no Lightning); a JSON summary
-    beside it records the run's last validation metrics, epochs and steps.
+    The weights are the best checkpoint's when a ``ModelCheckpoint`` monitors a metric (the
+    configs monitor ``val/select`` = validation SSIM × label binding: a GAN's last step is
+    not always its best), else the weights at the end of training.  The file
+    (:func:`mixdefense.nets.save_cgan`) loads with :func:`mixdefense.nets.load_cgan`
+    (``weights_only=True``, no Lightning); a JSON summary beside it records the source
+    checkpoint, its validation metrics, and the run's epochs and steps.
     """
 
     def __init__(self, path: str):
         self.path = Path(path)
 
+    @staticmethod
+    def _best_checkpoint(trainer) -> tuple[str, dict]:
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "monitor", None) and getattr(cb, "best_model_path", ""):
+                score = cb.best_model_score
+                return cb.best_model_path, {cb.monitor: float(score) if score is not None else None}
+        return "", {}
+
     def on_fit_end(self, trainer, pl_module):
         if getattr(trainer, "fast_dev_run", False) or not trainer.is_global_zero:
             return
+        model = pl_module.reconstructor
+        best, best_metric = self._best_checkpoint(trainer)
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=True)
+            model = type(model)(**model.config)
+            model.load_state_dict({k[len("reconstructor."):]: v for k, v in state["state_dict"].items()
+                                   if k.startswith("reconstructor.")})
+            best_metric["global_step"] = state.get("global_step")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        record = {"epochs": trainer.current_epoch, "global_step": trainer.global_step, "metrics": metrics}
-        save_cgan(pl_module.reconstructor, self.path, **record)
-        summary = {"path": str(self.path), "size_bytes": self.path.stat().st_size, "config": pl_module.reconstructor.config,
-                   **record}
+        record = {"epochs": trainer.current_epoch, "global_step": trainer.global_step, "source_checkpoint": best or None,
+                  "best": best_metric or None, "last_metrics": metrics}
+        save_cgan(model, self.path, **record)
+        summary = {"path": str(self.path), "size_bytes": self.path.stat().st_size, "config": model.config, **record}
         self.path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"exported cGAN (encoder + generator) to {self.path} ({summary['size_bytes'] / 1e6:.2f} MB)")
+        print(f"exported cGAN (encoder + generator) from {best or 'the last step'} to {self.path} "
+              f"({summary['size_bytes'] / 1e6:.2f} MB)")

@@ -89,6 +89,7 @@ def test_cgan_trains_exports_and_evaluates_end_to_end(data_root, tmp_path, monke
     assert code == 0
     record = json.loads((tmp_path / "artifacts/mnist/cgan.json").read_text())
     assert record["global_step"] == 2 * 3 and record["config"]["latent_dim"] == 16  # 3 optimizer steps per batch
+    assert record["source_checkpoint"].endswith("best.ckpt") and "val/select" in record["best"]  # the best by SSIM × binding
     assert list((tmp_path / "runs/mnist/cgan").rglob("grids/step*.png"))  # the Figure-8 grid of the validation
     monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))
     assert main(["cgan", "evaluate", "--dataset", "mnist", "--num-images", "20"]) == 0

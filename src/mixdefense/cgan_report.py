@@ -39,7 +39,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--dataset", required=True, choices=["mnist", "cifar10", "gtsrb"])
     ap.add_argument("--weights", help="exported cGAN (default artifacts/<dataset>/cgan.pt)")
     ap.add_argument("--classifier", help="classifier judging binding (default artifacts/<dataset>/classifier.pt)")
-    ap.add_argument("--num-images", type=int, default=2000, help="first N test images (0: all)")
+    ap.add_argument("--num-images", type=int, default=1000, help="first N test images (0: all)")
     ap.add_argument("--out", help="report folder (default results/<dataset>/cgan)")
     ap.add_argument("--batch-size", type=int, default=250)
     return ap.parse_args(argv)
