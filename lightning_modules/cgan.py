@@ -87,7 +87,8 @@ class CGANModule(pl.LightningModule):
         dis_channels: tuple[int, int, int, int] = (64, 64, 64, 64), gen_embed_dim: int = 0,
         lr_g: float = 2e-4, lr_e: float = 2e-4, lr_d: float = 2e-4, beta1: float = 0.5, beta2: float = 0.999,
         w_l2: float = 1.0, w_ssim: float = 1.0, w_kl: float = 1.0, w_adv: float = 0.1, adv_loss: str = "hinge",
-        wrong_label_adv: bool = True, d_steps: int = 1, mismatch_fake: bool = False, w_cls: float = 0.0, lr_cls: float = 1e-3, encoder_noise: float = 0.0, encoder_noise_max: float = 0.1,
+        wrong_label_adv: bool = True, d_steps: int = 1, mismatch_fake: bool = False, w_cls: float = 0.0,
+        lr_cls: float = 1e-3, encoder_noise: float = 0.0, encoder_noise_max: float = 0.1,
         binding_classifier: str | None = None, grid_images: int = 8,
     ):
         super().__init__()
