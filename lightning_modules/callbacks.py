@@ -13,6 +13,14 @@ from mixdefense.classifiers import save_classifier
 from mixdefense.nets import save_cgan
 
 
+def load_submodule(module: torch.nn.Module, checkpoint: dict, prefix: str) -> torch.nn.Module:
+    """A fresh copy of ``module`` (rebuilt from its ``config``) with the weights stored under ``prefix``
+    in a Lightning checkpoint's ``state_dict`` (e.g. ``"model."``, ``"reconstructor."``)."""
+    fresh = type(module)(**module.config)
+    fresh.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return fresh
+
+
 class WallClock(pl.Callback):
     """Logs ``time/train_s``: wall-clock seconds of training so far, at every validation.
 
@@ -60,9 +68,7 @@ class ExportClassifier(pl.Callback):
         ckpt_cb = trainer.checkpoint_callback
         best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
         if source == "fit" and best:
-            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-            model = type(model)(**model.config)
-            model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+            model = load_submodule(model, torch.load(best, map_location="cpu", weights_only=True), "model.")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         save_classifier(model.to(memory_format=torch.contiguous_format), self.path, source_checkpoint=best, metrics=metrics)
         summary_path = self.path.with_suffix(".json")
@@ -109,11 +115,9 @@ class ExportCGAN(pl.Callback):
         model = pl_module.reconstructor
         best, best_metric = self._best_checkpoint(trainer)
         if best:
-            state = torch.load(best, map_location="cpu", weights_only=True)
-            model = type(model)(**model.config)
-            model.load_state_dict({k[len("reconstructor."):]: v for k, v in state["state_dict"].items()
-                                   if k.startswith("reconstructor.")})
-            best_metric["global_step"] = state.get("global_step")
+            checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+            model = load_submodule(model, checkpoint, "reconstructor.")
+            best_metric["global_step"] = checkpoint.get("global_step")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         record = {"epochs": trainer.current_epoch, "global_step": trainer.global_step, "source_checkpoint": best or None,
                   "best": best_metric or None, "last_metrics": metrics}
