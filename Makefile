@@ -18,7 +18,7 @@ else
   SUFFIX :=
 endif
 
-.PHONY: help install data test test-slow demo train-classifier train-cgan evaluate-cgan saec clean-runs
+.PHONY: help install data test test-slow demo train-classifier train-cgan evaluate-cgan train-metric evaluate-contranet saec clean-runs
 
 help:
 	@echo "make demo                         the main job (installs, fetches data, runs)"
@@ -27,6 +27,8 @@ help:
 	@echo "make train-classifier DATASET=ds  train + test the target classifier (PROFILE=cpu|paper)"
 	@echo "make train-cgan DATASET=ds        train the revised cGAN (Algorithm 1), export it, evaluate it (PROFILE=cpu|paper)"
 	@echo "make evaluate-cgan DATASET=ds     faithfulness (SSIM) and label binding of the exported cGAN, Figure-8 grid"
+	@echo "make train-metric DATASET=ds      train ContraNet's metric model M, then calibrate + evaluate the detector"
+	@echo "make evaluate-contranet DATASET=ds  calibrate ContraNet (M, L2, SSIM, M+SSIM) and measure it against FGSM/PGD/C&W"
 	@echo "make saec DATASET=ds              calibrate SAEC on uniform noise, then evaluate it against attacks"
 	@echo "datasets: mnist cifar10 gtsrb; data root: \$$MIXDEFENSE_DATA (default ./data)"
 
@@ -66,6 +68,16 @@ train-cgan: $(STAMP) data
 
 evaluate-cgan: $(STAMP) data
 	$(MD) cgan evaluate --dataset $(DATASET) --weights artifacts/$(DATASET)/cgan$(SUFFIX).pt --out results/$(DATASET)/cgan$(SUFFIX)
+
+# ContraNet's metric model M on the frozen cGAN, then the detector's calibration and evaluation.
+train-metric: $(STAMP) data
+	$(MD) fit --config experiments/$(DATASET)/metric$(SUFFIX).yaml $(ARGS)
+	$(MAKE) evaluate-contranet DATASET=$(DATASET)
+
+evaluate-contranet: $(STAMP) data
+	$(MD) contranet evaluate --dataset $(DATASET) --cgan artifacts/$(DATASET)/cgan$(SUFFIX).pt \
+		--metric artifacts/$(DATASET)/metric$(SUFFIX).pt --bundle artifacts/$(DATASET)/contranet$(SUFFIX).pt \
+		--out results/$(DATASET)/contranet$(SUFFIX) $(EVAL_ARGS)
 
 saec: $(STAMP) data
 	$(MD) saec calibrate --config experiments/$(DATASET)/saec.yaml

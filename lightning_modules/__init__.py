@@ -1,7 +1,8 @@
 """LightningModules over the plain-PyTorch core in :mod:`mixdefense`."""
 
-from lightning_modules.callbacks import ExportCGAN, ExportClassifier, WallClock
+from lightning_modules.callbacks import ExportCGAN, ExportClassifier, ExportMetric, WallClock
 from lightning_modules.cgan import CGANModule
 from lightning_modules.classifier import ClassifierModule
+from lightning_modules.metric import MetricModule
 
-__all__ = ["CGANModule", "ClassifierModule", "ExportCGAN", "ExportClassifier", "WallClock"]
+__all__ = ["CGANModule", "ClassifierModule", "ExportCGAN", "ExportClassifier", "ExportMetric", "MetricModule", "WallClock"]

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from mixdefense.classifiers import save_classifier
-from mixdefense.nets import save_cgan
+from mixdefense.nets import save_cgan, save_metric
 
 
 def load_submodule(module: torch.nn.Module, checkpoint: dict, prefix: str) -> torch.nn.Module:
@@ -87,19 +87,25 @@ class ExportClassifier(pl.Callback):
         self._export(trainer, pl_module, "test")
 
 
-class ExportCGAN(pl.Callback):
-    """At the end of ``fit``, write the cGAN's encoder and generator as a plain weights file.
+class ExportBestSubmodule(pl.Callback):
+    """At the end of ``fit``, write one submodule of the LightningModule as a plain weights file.
 
-    The weights are the best checkpoint's when a ``ModelCheckpoint`` monitors a metric (the
-    configs monitor ``val/select`` = validation SSIM × label binding: a GAN's last step is
-    not always its best), else the weights at the end of training.  The file
-    (:func:`mixdefense.nets.save_cgan`) loads with :func:`mixdefense.nets.load_cgan`
-    (``weights_only=True``, no Lightning); a JSON summary beside it records the source
-    checkpoint, its validation metrics, and the run's epochs and steps.
+    The weights are the best checkpoint's when a ``ModelCheckpoint`` monitors a metric, else
+    the weights at the end of training.  Subclasses name the submodule (``attribute``), the
+    saver (``save(module, path, **record)``) and what it is (``what``).  A JSON summary
+    beside the file records the source checkpoint, its monitored metric, and the run's
+    epochs and steps.
     """
+
+    attribute: str = ""
+    what: str = ""
 
     def __init__(self, path: str):
         self.path = Path(path)
+
+    @staticmethod
+    def save(module: torch.nn.Module, path: Path, **record) -> None:
+        raise NotImplementedError
 
     @staticmethod
     def _best_checkpoint(trainer) -> tuple[str, dict]:
@@ -112,17 +118,34 @@ class ExportCGAN(pl.Callback):
     def on_fit_end(self, trainer, pl_module):
         if getattr(trainer, "fast_dev_run", False) or not trainer.is_global_zero:
             return
-        model = pl_module.reconstructor
+        model = getattr(pl_module, self.attribute)
         best, best_metric = self._best_checkpoint(trainer)
         if best:
             checkpoint = torch.load(best, map_location="cpu", weights_only=True)
-            model = load_submodule(model, checkpoint, "reconstructor.")
+            model = load_submodule(model, checkpoint, self.attribute + ".")
             best_metric["global_step"] = checkpoint.get("global_step")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         record = {"epochs": trainer.current_epoch, "global_step": trainer.global_step, "source_checkpoint": best or None,
                   "best": best_metric or None, "last_metrics": metrics}
-        save_cgan(model, self.path, **record)
+        self.save(model, self.path, **record)
         summary = {"path": str(self.path), "size_bytes": self.path.stat().st_size, "config": model.config, **record}
         self.path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"exported cGAN (encoder + generator) from {best or 'the last step'} to {self.path} "
-              f"({summary['size_bytes'] / 1e6:.2f} MB)")
+        print(f"exported {self.what} from {best or 'the last step'} to {self.path} ({summary['size_bytes'] / 1e6:.2f} MB)")
+
+
+class ExportCGAN(ExportBestSubmodule):
+    """Export the cGAN's encoder and generator (:func:`mixdefense.nets.save_cgan`; loads with
+    :func:`mixdefense.nets.load_cgan`, ``weights_only=True``, no Lightning).  The configs keep
+    the best checkpoint by ``val/select`` = validation SSIM × label binding: a GAN's last step
+    is not always its best."""
+
+    attribute, what = "reconstructor", "cGAN (encoder + generator)"
+    save = staticmethod(save_cgan)
+
+
+class ExportMetric(ExportBestSubmodule):
+    """Export ContraNet's embedding net M (:func:`mixdefense.nets.save_metric`); the configs keep
+    the best checkpoint by ``val/auroc``."""
+
+    attribute, what = "metric", "metric model M"
+    save = staticmethod(save_metric)

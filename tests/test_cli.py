@@ -97,3 +97,47 @@ def test_cgan_trains_exports_and_evaluates_end_to_end(data_root, tmp_path, monke
     assert report["num_images"] == 20 and 0 <= report["binding"] <= 1 and -1 <= report["ssim_mean"] <= 1
     assert (tmp_path / "results/mnist/cgan/figure8.png").is_file()
     assert "label binding" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "gtsrb"])
+@pytest.mark.parametrize("profile", ["metric.yaml", "metric_paper.yaml"])
+def test_metric_profiles_parse(dataset, profile, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(REPO / "experiments" / dataset / profile), "--print_config"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "MetricModule" in out and ("mobilenet_v2" in out) == (profile == "metric_paper.yaml")
+
+
+def test_metric_trains_exports_and_contranet_evaluates_end_to_end(data_root, tmp_path, monkeypatch, capsys):
+    """Two batches of triplet training write M; `mixdefense contranet evaluate` calibrates, saves and attacks."""
+    import json
+
+    from mixdefense.contranet import load_contranet
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "artifacts/mnist").mkdir(parents=True)
+    for name in ("classifier.pt", "cgan.pt"):
+        (tmp_path / "artifacts/mnist" / name).write_bytes((REPO / "artifacts/mnist" / name).read_bytes())
+    code = main([
+        "fit", "--config", str(REPO / "experiments/mnist/metric.yaml"), "--trainer.accelerator=cpu",
+        "--trainer.logger=false", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.val_check_interval=1.0", "--trainer.max_epochs=1",
+        f"--data.init_args.data_root={data_root.resolve()}", "--data.init_args.batch_size=8",
+        "--data.init_args.train_subset=200",
+    ])
+    assert code == 0
+    record = json.loads((tmp_path / "artifacts/mnist/metric.json").read_text())
+    assert record["config"]["embedding_dim"] == 12 and "val/auroc" in record["best"]
+    monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))
+    assert main(["contranet", "evaluate", "--dataset", "mnist", "--num-images", "40", "--calibration-images", "40",
+                 "--eps", "8", "--attacks", "fgsm", "--min-successes", "1", "--wrong-labels", "1"]) == 0
+    report = json.loads((tmp_path / "results/mnist/contranet/contranet_eval.json").read_text())
+    assert set(report["label_auroc"]) == {"metric", "l2", "ssim", "metric+ssim"}
+    assert all(c["achieved_frr"] <= 0.05 for c in report["calibration"].values())
+    assert {r["defense"] for r in report["attacks"]} == set(report["label_auroc"])
+    assert (tmp_path / "results/mnist/contranet/label_scores.png").is_file()
+    detector = load_contranet(tmp_path / "artifacts/mnist/contranet.pt")
+    assert detector.calibrated and detector.scores == ("metric",)
+    assert "Label AUROC" in capsys.readouterr().out

@@ -23,6 +23,8 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
     """``(x float [N, C, H, W] in [0, 1], y int64 [N])`` of a dataset split, via its datamodule.
 
     ``split="train"`` draws ``n`` images of the whole training set in a seeded random order;
+    ``split="val"`` takes the first ``n`` images of the validation split the training
+    configs hold out (``val_fraction=0.1``, seed 0: never trained on);
     ``split="test"`` takes the first ``n`` test images (all when ``n`` is None).
     ``image_size`` resizes (MNIST, GTSRB) where the datamodule offers it.
     """
@@ -32,8 +34,12 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
 
     if dataset not in DATAMODULES:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATAMODULES)}")
-    dm = DATAMODULES[dataset](data_root=data_root, val_fraction=0.0, **({"image_size": image_size} if image_size else {}))
-    if split == "train":
+    dm = DATAMODULES[dataset](data_root=data_root, val_fraction=0.1 if split == "val" else 0.0,
+                              **({"image_size": image_size} if image_size else {}))
+    if split == "val":
+        dm.setup("fit")
+        images, labels = dm.data_val.images[:n], dm.data_val.labels[:n]
+    elif split == "train":
         dm.setup("fit")
         images, labels = dm.data_train.images, dm.data_train.labels
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
@@ -42,7 +48,7 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
         dm.setup("test")
         images, labels = dm.data_test.images[:n], dm.data_test.labels[:n]
     else:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     return images.float() / 255, labels
 
 
@@ -58,9 +64,16 @@ def _cgan(argv: list[str]) -> int:
     return cgan_report.main(argv, load_images=load_images)
 
 
+def _contranet(argv: list[str]) -> int:
+    from mixdefense import contranet_report
+
+    return contranet_report.main(argv, load_images=load_images)
+
+
 def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
     return {
         "cgan": (_cgan, "evaluate a trained cGAN: faithfulness (SSIM) and label binding, Figure-8 grid"),
+        "contranet": (_contranet, "calibrate the ContraNet detector (cGAN + metric model) and evaluate it against attacks"),
         "saec": (_saec, "calibrate SAEC on uniform noise / evaluate it against attacks (experiments/<ds>/saec.yaml)"),
     }
 

@@ -64,10 +64,10 @@ def budget_curves(
 
 
 def score_histograms(
-    scores: dict[str, torch.Tensor], threshold: float, path: str | Path, title: str = "", log: bool = True,
+    scores: dict[str, torch.Tensor], threshold: float | None, path: str | Path, title: str = "", log: bool = True,
     xlabel: str = "score",
 ) -> Path:
-    """Overlaid histograms of score sets with the threshold as a vertical line."""
+    """Overlaid histograms of score sets, with the threshold (when given) as a vertical line."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     vals = {k: v.detach().double().cpu() for k, v in scores.items()}
     allv = torch.cat(list(vals.values()))
@@ -80,7 +80,8 @@ def score_histograms(
         edges = torch.linspace(allv.min().item(), allv.max().item(), 80).numpy()
     for name, v in vals.items():
         ax.hist(v.numpy(), bins=edges, alpha=0.55, label=f"{name} (n={len(v)})")
-    ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3g}")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.3g}")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("images")
     ax.legend(fontsize=8)

@@ -1,0 +1,122 @@
+"""Training of ContraNet's deep metric model M (paper §4.2, eq. 6) on top of a frozen cGAN.
+
+Per batch of clean ``(x, y)``: the frozen reconstructor gives ``R(x, y)`` and ``R(x, y′)`` for
+``negatives_per_image`` distinct wrong labels ``y′`` (:mod:`mixdefense.triplets`); anchors
+``M(x)``, references ``M(R(·))``; a PML ``TripletMarginMiner`` + ``TripletMarginLoss``.
+``anchor_noise`` adds uniform noise ``U(−a, a)``, ``a ~ U(0, anchor_noise)``, to the anchors
+(a clean image with a little noise is still clean: it keeps M from keying on pixel-exact
+detail that any perturbation would change).
+
+Logged: ``train/loss``, ``train/active`` (share of the batch's label-valid triplets whose
+margin is violated), ``train/mined``; validation: the distances ``d(M(x), M(R(x, y)))``
+(positives) and ``d(M(x), M(R(x, y′)))`` (one random wrong label per image, negatives),
+``val/auroc`` of telling them apart (torchmetrics), ``val/d_pos``, ``val/d_neg``, and each
+validation's histogram of both distributions as PNG (``hist/step<N>.png``) and to W&B.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from mixdefense.metrics import detection_auroc
+from mixdefense.nets.cgan import load_cgan
+from mixdefense.nets.metric import EmbeddingNet
+from mixdefense.plots import score_histograms
+from mixdefense.triplets import TripletObjective, embedding_distance, reconstruction_references, sample_wrong_labels
+
+
+class MetricModule(pl.LightningModule):
+    """Triplet training of the embedding net M with a frozen cGAN (see the module docstring).
+
+    Args:
+        cgan: path of the exported cGAN (``artifacts/<ds>/cgan.pt``).
+        embedding_dim, arch, channels: M's architecture (:class:`mixdefense.nets.EmbeddingNet`).
+        margin, distance, miner, miner_margin: the triplet objective (:class:`mixdefense.triplets.TripletObjective`).
+        negatives_per_image: wrong-label reconstructions per image (``num_classes − 1``: all).
+        anchor_noise: maximal amplitude of the uniform noise on anchors (0: none).
+        lr, weight_decay: AdamW, cosine-annealed per step over the trainer's planned steps.
+    """
+
+    def __init__(self, cgan: str, embedding_dim: int = 12, arch: str = "cnn", channels: tuple[int, ...] = (32, 64, 128),
+                 margin: float = 0.7, distance: str = "l2", miner: str = "all", miner_margin: float | None = None,
+                 negatives_per_image: int = 9, anchor_noise: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4):
+        super().__init__()
+        if not Path(cgan).exists():
+            raise FileNotFoundError(f"cGAN not found: {cgan} (train it first: make train-cgan DATASET=...)")
+        self.save_hyperparameters()
+        self.reconstructor = load_cgan(cgan).requires_grad_(False)
+        self.num_classes = self.reconstructor.num_classes
+        if not 1 <= negatives_per_image <= self.num_classes - 1:
+            raise ValueError(f"negatives_per_image must be in [1, {self.num_classes - 1}], got {negatives_per_image}")
+        self.metric = EmbeddingNet(self.reconstructor.in_channels, embedding_dim, arch, channels)
+        self.objective = TripletObjective(margin, distance, miner, miner_margin)
+        self._val: dict[str, list[torch.Tensor]] = {"pos": [], "neg": []}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reconstructor.eval()  # frozen, batch norm in inference mode
+        return self
+
+    def _anchors(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.hparams.anchor_noise
+        if a <= 0 or not self.training:
+            return x
+        amp = torch.rand(x.shape[0], 1, 1, 1, device=x.device) * a
+        return (x + amp * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        refs, ref_labels = reconstruction_references(self.reconstructor, x, y, self.num_classes,
+                                                     self.hparams.negatives_per_image)
+        emb = self.metric(torch.cat([self._anchors(x), refs]))
+        stats = self.objective(emb[: len(y)], y, emb[len(y):], ref_labels)
+        if not torch.isfinite(stats.loss):
+            raise FloatingPointError(f"metric training diverged: loss {stats.loss.item()}")
+        self.log_dict({"train/loss": stats.loss, "train/active": stats.active_fraction,
+                       "train/mined": float(stats.num_mined)}, prog_bar=True, on_step=True, on_epoch=True)
+        return stats.loss
+
+    @torch.no_grad()
+    def pair_distances(self, x: torch.Tensor, y: torch.Tensor, y_wrong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(d(M(x), M(R(x, y))), d(M(x), M(R(x, y_wrong))))``, each ``[B]``."""
+        mu = self.reconstructor.encoder(x)[0]
+        e_x = self.metric(x)
+        d_pos = embedding_distance(e_x, self.metric(self.reconstructor.generator(mu, y)), self.hparams.distance)
+        d_neg = embedding_distance(e_x, self.metric(self.reconstructor.generator(mu, y_wrong)), self.hparams.distance)
+        return d_pos, d_neg
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        y_wrong = sample_wrong_labels(y, self.num_classes, 1, torch.Generator().manual_seed(batch_idx))[:, 0]
+        d_pos, d_neg = self.pair_distances(x, y, y_wrong)
+        self._val["pos"].append(d_pos.cpu())
+        self._val["neg"].append(d_neg.cpu())
+
+    def on_validation_epoch_start(self):
+        self._val = {"pos": [], "neg": []}
+
+    def on_validation_epoch_end(self):
+        if not self._val["pos"]:
+            return
+        pos, neg = torch.cat(self._val["pos"]), torch.cat(self._val["neg"])
+        auroc = detection_auroc(pos, neg)
+        self.log_dict({"val/auroc": auroc, "val/d_pos": pos.mean().item(), "val/d_neg": neg.mean().item()},
+                      prog_bar=True, sync_dist=True)
+        if self.trainer.sanity_checking:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "hist"
+        path = score_histograms({"true label (positive)": pos, "wrong label (negative)": neg}, None,
+                                folder / f"step{self.global_step:07d}.png", log=False, xlabel="d(M(x), M(G(E(x), label)))",
+                                title=f"step {self.global_step}: AUROC {auroc:.4f}")
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_image("val/distances", [str(path)], step=self.global_step)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.metric.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

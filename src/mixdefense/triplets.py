@@ -1,0 +1,134 @@
+"""Triplets for ContraNet's deep metric model (paper §4.2, eq. 6), on pytorch-metric-learning.
+
+For a batch of clean images ``x [B, C, S, S]`` (in ``[0, 1]``) with labels ``y`` and the frozen
+cGAN's reconstructor ``R(x, y) = G(μ(x), y)``:
+
+* **anchors** are the clean images ``x`` (label ``y``);
+* **references** are reconstructions: ``R(x, y)`` (label ``y``, the paper's *positives*) and
+  ``R(x, y′)`` for ``n`` distinct wrong labels ``y′ ≠ y`` per image (label ``y′``, the paper's
+  *negatives*).
+
+Every label-valid triplet among them is used, "according to the labels" (paper §4.2):
+anchor ``x_i``, positive any reconstruction drawn *as* ``y_i``, negative any reconstruction
+drawn as another class — so an anchor's own wrong-label reconstructions ``R(x_i, y′)`` are
+always among its negatives and a reconstruction labelled ``y_i`` never is
+(:func:`sample_wrong_labels` never returns the true label).  A
+``TripletMarginMiner`` (``all`` / ``semihard`` / ``hard``) keeps the triplets that violate the
+margin, and ``TripletMarginLoss`` (eq. 6) averages over the non-zero ones (PML's
+``AvgNonZeroReducer``).  Distances: ``l2`` (Euclidean on the embeddings, PML's
+``LpDistance``) or ``cosine`` (``1 − cos``; PML's ``CosineSimilarity``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from pytorch_metric_learning import distances, losses, miners
+
+DISTANCES = ("l2", "cosine")
+MINER_TYPES = ("all", "semihard", "hard")
+
+
+def sample_wrong_labels(y: torch.Tensor, num_classes: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[B, n]`` distinct labels per row, uniform among the ``num_classes − 1`` labels ``≠ y``.
+
+    ``n = num_classes − 1`` gives every wrong label (in a random order).
+    """
+    if not 1 <= n <= num_classes - 1:
+        raise ValueError(f"need 1 <= n <= num_classes - 1 = {num_classes - 1} wrong labels per image, got {n}")
+    shifts = torch.rand(y.shape[0], num_classes - 1, generator=generator, device="cpu").argsort(1)[:, :n] + 1
+    return (y[:, None] + shifts.to(y.device)) % num_classes
+
+
+@torch.no_grad()
+def reconstruction_references(reconstructor: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                              negatives_per_image: int, generator: torch.Generator | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(references [B·(1+n), C, S, S], labels [B·(1+n)])``: ``R(x, y)`` first, then ``R(x, y′)``.
+
+    ``reconstructor`` exposes ``encoder`` (``x → (μ, log σ²)``) and ``generator`` (``(z, y) → image``);
+    the encoder runs once per image.  No gradient flows (the cGAN is frozen).
+    """
+    mu = reconstructor.encoder(x)[0]
+    positives = reconstructor.generator(mu, y)
+    y_neg = sample_wrong_labels(y, num_classes, negatives_per_image, generator).flatten()
+    negatives = reconstructor.generator(mu.repeat_interleave(negatives_per_image, 0), y_neg)
+    return torch.cat([positives, negatives]), torch.cat([y, y_neg])
+
+
+def pml_distance(name: str) -> distances.BaseDistance:
+    """PML distance object for ``"l2"`` or ``"cosine"``."""
+    if name == "l2":
+        return distances.LpDistance(p=2, normalize_embeddings=True)
+    if name == "cosine":
+        return distances.CosineSimilarity()
+    raise ValueError(f"unknown distance {name!r}; choose one of {DISTANCES}")
+
+
+def embedding_distance(a: torch.Tensor, b: torch.Tensor, name: str = "l2") -> torch.Tensor:
+    """Row-wise distance ``[B]`` between embeddings ``a, b [B, D]`` (normalised first, as in training).
+
+    ``l2``: ``‖â − b̂‖₂ ∈ [0, 2]``; ``cosine``: ``1 − cos(a, b) ∈ [0, 2]``.  Zero for equal rows.
+    """
+    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+    if name == "l2":
+        return (a - b).pow(2).sum(1).clamp_min(0).sqrt()
+    if name == "cosine":
+        return (1 - (a * b).sum(1)).clamp_min(0)
+    raise ValueError(f"unknown distance {name!r}; choose one of {DISTANCES}")
+
+
+@dataclass
+class TripletStats:
+    """What one batch's triplet objective saw (for logging)."""
+
+    loss: torch.Tensor
+    num_triplets: int  # all label-valid triplets in the batch
+    num_mined: int  # those the miner kept
+    active_fraction: float  # share of all valid triplets with a positive loss (margin violated)
+
+
+class TripletObjective(nn.Module):
+    """Eq. 6 over mined triplets: ``TripletMarginMiner`` + ``TripletMarginLoss`` sharing one distance.
+
+    Args:
+        margin: the triplet loss margin (the authors' follow-up code: 0.7 with L2).
+        distance: ``"l2"`` or ``"cosine"``.
+        miner: ``"all"`` (every margin-violating triplet), ``"semihard"`` or ``"hard"``.
+        miner_margin: the miner's margin (default: ``margin``).
+    """
+
+    def __init__(self, margin: float = 0.7, distance: str = "l2", miner: str = "all", miner_margin: float | None = None):
+        super().__init__()
+        if miner not in MINER_TYPES:
+            raise ValueError(f"unknown miner {miner!r}; choose one of {MINER_TYPES}")
+        if margin <= 0:
+            raise ValueError(f"margin must be > 0, got {margin}")
+        self.distance_name = distance
+        dist = pml_distance(distance)
+        self.miner = miners.TripletMarginMiner(margin=margin if miner_margin is None else miner_margin,
+                                               type_of_triplets=miner, distance=dist)
+        self.loss = losses.TripletMarginLoss(margin=margin, distance=dist)
+        self.margin = margin
+
+    def forward(self, anchors: torch.Tensor, anchor_labels: torch.Tensor, refs: torch.Tensor,
+                ref_labels: torch.Tensor) -> TripletStats:
+        """Loss over triplets (anchor from ``anchors [B, D]``, positive and negative from ``refs [R, D]``)."""
+        triplets = self.miner(anchors, anchor_labels, refs, ref_labels)
+        loss = self.loss(anchors, anchor_labels, triplets, refs, ref_labels)
+        with torch.no_grad():
+            matches = anchor_labels[:, None] == ref_labels[None, :]
+            pos = matches.sum(1)
+            total = int((pos * (~matches).sum(1)).sum())
+            # every valid triplet's loss > 0  ⇔  d(a, p) − d(a, n) + margin > 0
+            d = self.miner.distance(anchors, refs)
+            if self.miner.distance.is_inverted:  # similarity: larger = closer
+                d = -d
+            inf = torch.tensor(float("inf"), device=d.device)
+            d_pos = torch.where(matches, d, -inf)  # [B, R]
+            d_neg = torch.where(matches, inf, d)
+            violated = (d_pos[:, :, None] - d_neg[:, None, :] + self.margin > 0) & matches[:, :, None] & ~matches[:, None, :]
+            active = int(violated.sum())
+        return TripletStats(loss, total, int(triplets[0].numel()), active / max(total, 1))

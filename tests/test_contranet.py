@@ -1,0 +1,194 @@
+"""ContraNet part 2: triplet construction, the embedding net, the detector, its calibration and bundle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mixdefense.contranet import ContraNet, load_contranet, or_calibrate, save_contranet
+from mixdefense.nets import EmbeddingNet, Reconstructor, load_metric, save_metric
+from mixdefense.triplets import TripletObjective, embedding_distance, reconstruction_references, sample_wrong_labels
+
+
+def tiny_reconstructor(channels: int = 1, classes: int = 10) -> Reconstructor:
+    return Reconstructor(channels, 16, classes, 4, (4, 8), (8, 8, 8, 4)).eval()
+
+
+def tiny_metric(channels: int = 1, dim: int = 6) -> EmbeddingNet:
+    return EmbeddingNet(channels, dim, "cnn", (4, 8)).eval()
+
+
+class Identity(Reconstructor):
+    """A 'reconstructor' returning its input: every distance of x to x′ must be 0."""
+
+    def forward(self, x, y):
+        return x
+
+
+# -- triplets -----------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 4, 9])
+def test_wrong_labels_are_distinct_and_never_the_true_label(n):
+    y = torch.randint(0, 10, (500,))
+    w = sample_wrong_labels(y, 10, n)
+    assert w.shape == (500, n)
+    assert not (w == y[:, None]).any()
+    assert all(len(set(row.tolist())) == n for row in w)
+    if n == 9:  # all wrong labels
+        assert torch.equal(torch.sort(torch.cat([w, y[:, None]], 1), 1).values, torch.arange(10).expand(500, 10))
+
+
+def test_wrong_label_count_is_checked():
+    with pytest.raises(ValueError, match="wrong labels"):
+        sample_wrong_labels(torch.zeros(3, dtype=torch.long), 10, 10)
+
+
+def test_references_put_true_label_reconstructions_first_then_the_wrong_ones():
+    rec = tiny_reconstructor()
+    x, y = torch.rand(5, 1, 16, 16), torch.tensor([0, 1, 2, 3, 4])
+    refs, labels = reconstruction_references(rec, x, y, 10, 3)
+    assert refs.shape == (5 * 4, 1, 16, 16) and labels.shape == (20,)
+    assert torch.equal(labels[:5], y)
+    assert not (labels[5:].view(5, 3) == y[:, None]).any()  # image i's negatives never carry its label
+    torch.testing.assert_close(refs[:5], rec(x, y))
+    torch.testing.assert_close(refs[5:8], rec(x[:1].expand(3, -1, -1, -1), labels[5:8]))
+
+
+def test_mined_triplets_never_use_a_negative_with_the_anchor_label():
+    emb_a, emb_r = torch.randn(8, 6), torch.randn(8 * 5, 6)
+    y = torch.randint(0, 10, (8,))
+    refs_labels = torch.cat([y, sample_wrong_labels(y, 10, 4).flatten()])
+    obj = TripletObjective(margin=0.7, miner="all")
+    a, p, n = obj.miner(emb_a, y, emb_r, refs_labels)
+    assert len(a) > 0
+    assert torch.equal(refs_labels[p], y[a]) and not (refs_labels[n] == y[a]).any()
+    # each anchor's own wrong-label reconstructions are among its candidate negatives
+    stats = obj(emb_a, y, emb_r, refs_labels)
+    assert stats.num_triplets > 0 and 0 <= stats.active_fraction <= 1 and stats.loss > 0
+
+
+def test_triplet_loss_vanishes_when_the_margin_is_met():
+    y = torch.tensor([0, 1])
+    anchors = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    refs = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # positives equal the anchors, negatives at distance 2
+    stats = TripletObjective(margin=0.5, miner="all")(anchors, y, refs, y.clone())
+    assert stats.num_triplets == 2 and float(stats.loss) == 0.0 and stats.active_fraction == 0.0
+    # a negative inside the margin makes the triplet active
+    stats = TripletObjective(margin=0.5, miner="all")(anchors, y, torch.tensor([[1.0, 0.0], [0.9, 0.1]]), y.clone())
+    assert stats.active_fraction > 0 and float(stats.loss) > 0
+
+
+# -- embedding net --------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,channels", [("cnn", 1), ("cnn", 3), ("mobilenet_v2", 1)])
+def test_embedding_net_shapes_and_unit_norm(arch, channels):
+    m = EmbeddingNet(channels, 12, arch).eval()
+    e = m(torch.rand(3, channels, 32, 32))
+    assert e.shape == (3, 12)
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(3))
+
+
+def test_paper_embedding_net_matches_table1_size():
+    params = sum(p.numel() for p in EmbeddingNet(3, 12, "mobilenet_v2").parameters())
+    assert abs(params / 1e6 - 2.24) < 0.03  # paper Table 1: deep metric model 2.24 M
+
+
+def test_metric_file_round_trip(tmp_path):
+    m = tiny_metric()
+    save_metric(m, tmp_path / "m.pt")
+    m2 = load_metric(tmp_path / "m.pt")
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(m(x), m2(x))
+
+
+# -- the detector ---------------------------------------------------------------------------
+def test_distances_are_zero_for_identical_embeddings_and_non_negative():
+    a = torch.randn(5, 7)
+    for name in ("l2", "cosine"):
+        assert torch.allclose(embedding_distance(a, a.clone(), name), torch.zeros(5), atol=1e-6)
+        assert (embedding_distance(a, torch.randn(5, 7), name) >= 0).all()
+
+
+def test_scores_are_non_negative_and_zero_for_a_perfect_reconstruction():
+    x, y = torch.rand(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    perfect = ContraNet(Identity(1, 16, 10, 4, (4, 8), (8, 8, 8, 4)), tiny_metric(), ("metric", "l2", "ssim"))
+    for name, s in perfect.score_components(x, y).items():
+        assert torch.allclose(s, torch.zeros(4), atol=1e-5), name
+    real = ContraNet(tiny_reconstructor(), tiny_metric(), ("metric", "l2", "ssim"))
+    for s in real.score_components(x, y).values():
+        assert (s >= 0).all()
+
+
+def test_decision_follows_the_stored_threshold():
+    det = ContraNet(tiny_reconstructor(), tiny_metric())
+    x, y = torch.rand(16, 1, 16, 16), torch.randint(0, 10, (16,))
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        det(x, y)
+    s = det.score(x, y)
+    t = s.median()
+    det.thresholds.fill_(float(t))
+    assert torch.equal(det(x, y), s > t)
+    det.thresholds.fill_(float(s.max()))
+    assert not det(x, y).any()
+
+
+def test_calibration_meets_the_target_rate_and_or_combination_stays_under_it():
+    torch.manual_seed(1)
+    det = ContraNet(tiny_reconstructor(), tiny_metric(), ("metric", "ssim"))
+    x, y = torch.rand(400, 1, 16, 16), torch.randint(0, 10, (400,))
+    cal = det.calibrate(x, y, target_frr=0.05)
+    assert cal.achieved_frr <= 0.05 and cal.achieved_frr >= 0.03
+    assert det(x, y).float().mean().item() == pytest.approx(cal.achieved_frr)
+    assert all(f <= 0.05 for f in cal.per_score_frr)
+    s = det.score(x, y)  # max_k s_k / t_k: rejected iff > 1
+    assert torch.equal(s > 1, det(x, y))
+
+
+def test_or_calibrate_on_independent_scores():
+    scores = torch.rand(10_000, 2)
+    t, q = or_calibrate(scores, 0.05)
+    frr = (scores > t).any(1).float().mean().item()
+    assert 0.045 <= frr <= 0.05 + 1e-6 and 0.02 < q < 0.03  # two independent scores: 1 − (1 − q)² ≈ 0.05
+
+
+def test_state_dict_and_bundle_round_trip(tmp_path):
+    det = ContraNet(tiny_reconstructor(), tiny_metric())
+    x, y = torch.rand(50, 1, 16, 16), torch.randint(0, 10, (50,))
+    det.calibrate(x, y, 0.1)
+    other = ContraNet(tiny_reconstructor(), tiny_metric())
+    other.load_state_dict(det.state_dict())
+    assert torch.equal(other.thresholds, det.thresholds)
+    torch.testing.assert_close(other.score(x, y), det.score(x, y))
+    save_contranet(det, tmp_path / "c.pt")
+    loaded = load_contranet(tmp_path / "c.pt")
+    assert torch.equal(loaded(x, y), det(x, y)) and loaded.calibration == det.calibration
+
+
+def test_detect_uses_the_predicted_label_without_a_gradient_path_into_the_classifier():
+    det = ContraNet(tiny_reconstructor(), tiny_metric())
+    det.thresholds.fill_(0.5)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 10))
+    x = torch.rand(6, 1, 16, 16)
+    rejected, score, y_pred = det.detect(x, classifier)
+    assert torch.equal(y_pred, classifier(x).argmax(1)) and not y_pred.requires_grad
+    assert torch.equal(rejected, score > 0.5)
+    # the score is differentiable in x (adaptive attacks), and touches no classifier weight
+    x.requires_grad_(True)
+    det.score(x, y_pred).sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in classifier.parameters())
+
+
+def test_inputs_are_validated():
+    det = ContraNet(tiny_reconstructor(), tiny_metric())
+    with pytest.raises(ValueError, match="channel"):
+        det.score(torch.rand(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        det.score(torch.rand(2, 1, 16, 16) + 1, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        det.score(torch.rand(2, 1, 16, 16), torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="needs an embedding net"):
+        ContraNet(tiny_reconstructor(), None, ("metric",))
+
+
+def test_inputs_of_another_size_are_resized_to_the_cgan():
+    det = ContraNet(tiny_reconstructor(), tiny_metric(), ("l2",))
+    assert det.score(torch.rand(3, 1, 14, 14), torch.zeros(3, dtype=torch.long)).shape == (3,)

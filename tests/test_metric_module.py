@@ -1,0 +1,48 @@
+"""The metric-model LightningModule: one step trains M only (the cGAN stays frozen), validation logs AUROC."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_modules.metric import MetricModule
+from mixdefense.nets import Reconstructor, save_cgan
+
+
+def _save_tiny(tmp_path):
+    save_cgan(Reconstructor(1, 16, 10, 4, (4, 8), (8, 8, 8, 4)), tmp_path / "tiny.pt")
+    return tmp_path / "tiny.pt"
+
+
+def _module(tmp_path, **kw) -> MetricModule:
+    return MetricModule(str(_save_tiny(tmp_path)), embedding_dim=6, channels=(4, 8), negatives_per_image=3, **kw)
+
+
+def _loader(n: int = 16) -> DataLoader:
+    return DataLoader(TensorDataset(torch.rand(n, 1, 16, 16), torch.arange(n) % 10), batch_size=8)
+
+
+def test_one_step_updates_the_metric_net_and_never_the_cgan(tmp_path):
+    module = _module(tmp_path, anchor_noise=0.05)
+    before_m = {k: v.clone() for k, v in module.metric.state_dict().items()}
+    before_r = {k: v.clone() for k, v in module.reconstructor.state_dict().items()}
+    trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, _loader(), _loader())
+    assert any(not torch.equal(before_m[k], v) for k, v in module.metric.state_dict().items())
+    assert all(torch.equal(before_r[k], v) for k, v in module.reconstructor.state_dict().items())  # BN stats too
+    metrics = trainer.callback_metrics
+    assert 0.0 <= float(metrics["val/auroc"]) <= 1.0
+    assert 0.0 <= float(metrics["train/active"]) <= 1.0 and float(metrics["train/mined"]) >= 0
+
+
+def test_bad_settings_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-cgan"):
+        MetricModule(str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="negatives_per_image"):
+        MetricModule(str(_save_tiny(tmp_path)), negatives_per_image=10)
+    with pytest.raises(ValueError, match="miner"):
+        MetricModule(str(_save_tiny(tmp_path)), miner="hardest")
+
