@@ -72,6 +72,17 @@ def test_cgan_paper_profiles_parse(dataset, tmp_path, monkeypatch, capsys):
     assert "latent_dim: 128" in capsys.readouterr().out
 
 
+def _fit_two_batches(config: str, data_root: Path) -> int:
+    """``mixdefense fit`` of a repository config on two batches of 8 images and one validation batch."""
+    return main([
+        "fit", "--config", str(REPO / config), "--trainer.accelerator=cpu",
+        "--trainer.logger=false", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.val_check_interval=1.0", "--trainer.max_epochs=1",
+        f"--data.init_args.data_root={data_root.resolve()}", "--data.init_args.batch_size=8",
+        "--data.init_args.train_subset=200",
+    ])
+
+
 def test_cgan_trains_exports_and_evaluates_end_to_end(data_root, tmp_path, monkeypatch, capsys):
     """A two-batch fit writes the plain-weights cGAN; `mixdefense cgan evaluate` reads it and reports."""
     import json
@@ -79,14 +90,7 @@ def test_cgan_trains_exports_and_evaluates_end_to_end(data_root, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / "artifacts/mnist").mkdir(parents=True)
     (tmp_path / "artifacts/mnist/classifier.pt").write_bytes((REPO / "artifacts/mnist/classifier.pt").read_bytes())
-    code = main([
-        "fit", "--config", str(REPO / "experiments/mnist/cgan.yaml"), "--trainer.accelerator=cpu",
-        "--trainer.logger=false", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-        "--trainer.val_check_interval=1.0", "--trainer.max_epochs=1",
-        f"--data.init_args.data_root={data_root.resolve()}", "--data.init_args.batch_size=8",
-        "--data.init_args.train_subset=200",
-    ])
-    assert code == 0
+    assert _fit_two_batches("experiments/mnist/cgan.yaml", data_root) == 0
     record = json.loads((tmp_path / "artifacts/mnist/cgan.json").read_text())
     assert record["global_step"] == 2 * 3 and record["config"]["latent_dim"] == 16  # 3 optimizer steps per batch
     assert record["source_checkpoint"].endswith("best.ckpt") and "val/select" in record["best"]  # the best by SSIM × binding
@@ -120,14 +124,7 @@ def test_metric_trains_exports_and_contranet_evaluates_end_to_end(data_root, tmp
     (tmp_path / "artifacts/mnist").mkdir(parents=True)
     for name in ("classifier.pt", "cgan.pt"):
         (tmp_path / "artifacts/mnist" / name).write_bytes((REPO / "artifacts/mnist" / name).read_bytes())
-    code = main([
-        "fit", "--config", str(REPO / "experiments/mnist/metric.yaml"), "--trainer.accelerator=cpu",
-        "--trainer.logger=false", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-        "--trainer.val_check_interval=1.0", "--trainer.max_epochs=1",
-        f"--data.init_args.data_root={data_root.resolve()}", "--data.init_args.batch_size=8",
-        "--data.init_args.train_subset=200",
-    ])
-    assert code == 0
+    assert _fit_two_batches("experiments/mnist/metric.yaml", data_root) == 0
     record = json.loads((tmp_path / "artifacts/mnist/metric.json").read_text())
     assert record["config"]["embedding_dim"] == 12 and "val/auroc" in record["best"]
     monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))

@@ -70,8 +70,45 @@ def _contranet(argv: list[str]) -> int:
     return contranet_report.main(argv, load_images=load_images)
 
 
+def _bundle(argv: list[str]) -> int:
+    """``mixdefense bundle --dataset ds``: one detector file from the trained parts, checked on clean test images."""
+    import argparse
+    import json
+
+    from mixdefense.classifiers import load_classifier
+    from mixdefense.contranet import load_contranet
+    from mixdefense.pipeline import MixDefense, load_detector, save_bundle
+    from mixdefense.saec import load_saec
+
+    ap = argparse.ArgumentParser(prog="mixdefense bundle", description=_bundle.__doc__)
+    ap.add_argument("--dataset", required=True, choices=["mnist", "cifar10", "gtsrb"])
+    ap.add_argument("--parts", default=None, help="folder of classifier.pt, saec.pt, contranet.pt (default artifacts/<ds>)")
+    ap.add_argument("--out", default=None, help="bundle path (default <parts>/detector.pt)")
+    ap.add_argument("--check-images", type=int, default=1000, help="clean test images for the check (0: none)")
+    args = ap.parse_args(argv)
+    parts = args.parts or f"artifacts/{args.dataset}"
+    out = args.out or f"{parts}/detector.pt"
+    detector = MixDefense(load_classifier(f"{parts}/classifier.pt"),
+                          [load_saec(f"{parts}/saec.pt"), load_contranet(f"{parts}/contranet.pt")])
+    record = {"dataset": args.dataset, "parts": parts}
+    if args.check_images:
+        x, y = load_images(args.dataset, "test", args.check_images)
+        verdict = load_detector(save_bundle(detector, out, **record)).detect(x)
+        plain = detector.classifier(x).argmax(1) == y
+        record["clean_check"] = {
+            "images": len(y), "accuracy_classifier": plain.float().mean().item(),
+            "accuracy_with_defense": ((verdict.labels == y) & ~verdict.rejected).float().mean().item(),
+            "false_rejection": verdict.rejected.float().mean().item(),
+            "rejected_by": verdict.caught_by(),
+        }
+    path = save_bundle(detector, out, **record)
+    print(json.dumps({"bundle": str(path), "size_mb": round(path.stat().st_size / 1e6, 2), **record}, indent=2))
+    return 0
+
+
 def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
     return {
+        "bundle": (_bundle, "assemble the detector bundle (classifier + SAEC + ContraNet) and check it on clean images"),
         "cgan": (_cgan, "evaluate a trained cGAN: faithfulness (SSIM) and label binding, Figure-8 grid"),
         "contranet": (_contranet, "calibrate the ContraNet detector (cGAN + metric model) and evaluate it against attacks"),
         "saec": (_saec, "calibrate SAEC on uniform noise / evaluate it against attacks (experiments/<ds>/saec.yaml)"),

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-from mixdefense.io import atomic_torch_save, load_tagged
+from mixdefense.io import atomic_torch_save, build_configured, configured_payload, load_tagged
 from mixdefense.nets.cgan import Reconstructor
 from mixdefense.nets.metric import EmbeddingNet
 from mixdefense.triplets import embedding_distance
@@ -118,6 +118,9 @@ def or_calibrate(scores: torch.Tensor, target_frr: float, iterations: int = 40) 
 class ContraNet(nn.Module):
     """The SP-defense detector: reconstruct with the predicted label, measure, threshold.
 
+    A *post-classifier* layer of :class:`mixdefense.pipeline.MixDefense` (``kind = "post"``):
+    ``forward(x, y_pred)``.
+
     Args:
         reconstructor: the trained cGAN's encoder and generator (frozen here).
         metric: the triplet-trained embedding net M (needed for the ``metric`` score).
@@ -126,6 +129,9 @@ class ContraNet(nn.Module):
 
     Shapes: ``x [B, C, H, W]`` float in ``[0, 1]`` (``C`` = the cGAN's channels), ``y [B]`` int64.
     """
+
+    kind = "post"  # sees the input and the classifier's predicted label
+    name = "contranet"
 
     def __init__(self, reconstructor: Reconstructor, metric: EmbeddingNet | None = None,
                  scores: Sequence[str] = ("metric",), distance: str = "l2"):
@@ -239,33 +245,34 @@ def predicted_labels(classifier: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def save_contranet(model: ContraNet, path, **record) -> None:
-    """One plain-weights file with the cGAN, M, the scores, thresholds and calibration record."""
-    payload = {
-        "format": CONTRANET_FORMAT,
+def contranet_payload(model: ContraNet) -> dict:
+    """The detector as plain tensors and settings (what :func:`save_contranet` and detector bundles store)."""
+    return {
         "scores": list(model.scores),
         "distance": model.distance,
         "thresholds": model.thresholds.cpu(),
         "calibration": model.calibration.as_dict() if model.calibration else None,
-        "cgan": {"config": model.reconstructor.config, "state_dict": model.reconstructor.state_dict()},
-        "metric": ({"config": model.metric.config, "state_dict": model.metric.state_dict()}
-                   if model.metric is not None else None),
-        **record,
+        "cgan": configured_payload(model.reconstructor),
+        "metric": configured_payload(model.metric) if model.metric is not None else None,
     }
-    atomic_torch_save(payload, path)
 
 
-def load_contranet(path, map_location="cpu") -> ContraNet:
-    """Rebuild a calibrated :class:`ContraNet` from :func:`save_contranet`'s file (no Lightning)."""
-    payload = load_tagged(path, CONTRANET_FORMAT, "ContraNet", map_location)
-    rec = Reconstructor(**payload["cgan"]["config"])
-    rec.load_state_dict(payload["cgan"]["state_dict"])
-    metric = None
-    if payload.get("metric"):
-        metric = EmbeddingNet(**payload["metric"]["config"])
-        metric.load_state_dict(payload["metric"]["state_dict"])
+def contranet_from_payload(payload: dict) -> ContraNet:
+    """Rebuild a calibrated :class:`ContraNet` from :func:`contranet_payload`'s dict."""
+    rec = build_configured(Reconstructor, payload["cgan"])
+    metric = build_configured(EmbeddingNet, payload["metric"]) if payload.get("metric") else None
     model = ContraNet(rec, metric, payload["scores"], payload["distance"])
     model.thresholds.copy_(payload["thresholds"])
     if payload.get("calibration"):
         model.calibration = Calibration(**payload["calibration"])
     return model.eval()
+
+
+def save_contranet(model: ContraNet, path, **record) -> None:
+    """One plain-weights file with the cGAN, M, the scores, thresholds and calibration record."""
+    atomic_torch_save({"format": CONTRANET_FORMAT, **contranet_payload(model), **record}, path)
+
+
+def load_contranet(path, map_location="cpu") -> ContraNet:
+    """Load :func:`save_contranet`'s file (``weights_only=True``, no Lightning)."""
+    return contranet_from_payload(load_tagged(path, CONTRANET_FORMAT, "ContraNet", map_location))

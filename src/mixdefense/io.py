@@ -44,3 +44,25 @@ def load_tagged(path: str | Path, tag: str, what: str, map_location: str | torch
     if not isinstance(payload, dict) or payload.get("format") != tag:
         raise ValueError(f"{path} is not a MixDefense {what} file (missing format tag {tag!r})")
     return payload
+
+
+def configured_payload(module: torch.nn.Module) -> dict[str, Any]:
+    """``{"config", "state_dict"}`` of a module that records its constructor settings in ``.config``."""
+    return {"config": module.config, "state_dict": module.state_dict()}
+
+
+def build_configured(cls: type, entry: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild ``cls(**entry["config"])`` with ``entry["state_dict"]``, in eval mode."""
+    module = cls(**entry["config"])
+    module.load_state_dict(entry["state_dict"])
+    return module.eval()
+
+
+def save_configured(module: torch.nn.Module, path: str | Path, tag: str, **record: Any) -> Path:
+    """Write a configured module (see :func:`configured_payload`) as a tagged plain-weights file."""
+    return atomic_torch_save({"format": tag, **configured_payload(module), **record}, path)
+
+
+def load_configured(cls: type, path: str | Path, tag: str, what: str, map_location: str | torch.device = "cpu"):
+    """Load :func:`save_configured`'s file (``weights_only=True``) back into ``cls``, in eval mode."""
+    return build_configured(cls, load_tagged(path, tag, what, map_location))

@@ -306,16 +306,23 @@ def choose_threshold_below(clean: torch.Tensor, noisy: torch.Tensor, max_clean_r
     return float(cand[best]), float(frr[best]), float(tpr[best])
 
 
+def saec_payload(saec: SAEC) -> dict:
+    """The layer as plain tensors and settings (what :func:`save_saec` and detector bundles store)."""
+    return {"settings": saec.settings(), "state_dict": {k: v.cpu() for k, v in saec.state_dict().items()}}
+
+
+def saec_from_payload(payload: dict) -> SAEC:
+    """Rebuild a layer from :func:`saec_payload`'s dict."""
+    saec = SAEC(**{k: v for k, v in payload["settings"].items() if k != "kernel" or v in KERNELS})
+    saec.load_state_dict(payload["state_dict"])
+    return saec
+
+
 def save_saec(saec: SAEC, path, **metadata) -> None:
     """Write the layer (settings, threshold, calibration) as a ``weights_only``-loadable file."""
-    payload = {"format": "mixdefense.saec/1", "settings": saec.settings(),
-               "state_dict": {k: v.cpu() for k, v in saec.state_dict().items()}, "metadata": metadata}
-    atomic_torch_save(payload, path)
+    atomic_torch_save({"format": "mixdefense.saec/1", **saec_payload(saec), "metadata": metadata}, path)
 
 
 def load_saec(path) -> SAEC:
     """Load a layer written by :func:`save_saec` (``torch.load(..., weights_only=True)``)."""
-    payload = load_tagged(path, "mixdefense.saec/1", "SAEC")
-    saec = SAEC(**{k: v for k, v in payload["settings"].items() if k != "kernel" or v in KERNELS})
-    saec.load_state_dict(payload["state_dict"])
-    return saec
+    return saec_from_payload(load_tagged(path, "mixdefense.saec/1", "SAEC"))

@@ -246,16 +246,13 @@ class Reconstructor(nn.Module):
 
 def save_cgan(model: Reconstructor, path, **record) -> None:
     """Write ``model`` (encoder + generator) as a plain-weights file (``torch.load(weights_only=True)``)."""
-    from mixdefense.io import atomic_torch_save
+    from mixdefense.io import save_configured
 
-    atomic_torch_save({"format": CGAN_FORMAT, "config": model.config, "state_dict": model.state_dict(), **record}, path)
+    save_configured(model, path, CGAN_FORMAT, **record)
 
 
 def load_cgan(path, map_location="cpu") -> Reconstructor:
     """Rebuild a :class:`Reconstructor` from :func:`save_cgan`'s file, in eval mode."""
-    from mixdefense.io import load_tagged
+    from mixdefense.io import load_configured
 
-    payload = load_tagged(path, CGAN_FORMAT, "cGAN", map_location)
-    model = Reconstructor(**payload["config"])
-    model.load_state_dict(payload["state_dict"])
-    return model.eval()
+    return load_configured(Reconstructor, path, CGAN_FORMAT, "cGAN", map_location)

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from mixdefense.io import atomic_torch_save, load_tagged
+from mixdefense.io import load_configured, save_configured
 
 ARCHS = ("cnn", "mobilenet_v2")
 METRIC_FORMAT = "mixdefense.metric/1"
@@ -82,12 +82,9 @@ class EmbeddingNet(nn.Module):
 
 def save_metric(model: EmbeddingNet, path, **record) -> None:
     """Write M as a plain-weights file (loads with ``torch.load(weights_only=True)``)."""
-    atomic_torch_save({"format": METRIC_FORMAT, "config": model.config, "state_dict": model.state_dict(), **record}, path)
+    save_configured(model, path, METRIC_FORMAT, **record)
 
 
 def load_metric(path, map_location="cpu") -> EmbeddingNet:
     """Rebuild an :class:`EmbeddingNet` from :func:`save_metric`'s file, in eval mode."""
-    payload = load_tagged(path, METRIC_FORMAT, "metric model", map_location)
-    model = EmbeddingNet(**payload["config"])
-    model.load_state_dict(payload["state_dict"])
-    return model.eval()
+    return load_configured(EmbeddingNet, path, METRIC_FORMAT, "metric model", map_location)

@@ -1,0 +1,160 @@
+"""MixDefense, the composite detector (paper Figure 1): pre-classifier layers, the classifier, post-classifier layers.
+
+Every layer is an ``nn.Module`` with a ``name`` and a ``kind``:
+
+* ``kind = "pre"`` — sees the input only, before the classifier runs: ``layer(x) → rejected [B]``
+  (e.g. :class:`~mixdefense.saec.SAEC`);
+* ``kind = "post"`` — sees the input and the classifier's predicted label:
+  ``layer(x, y_pred) → rejected [B]`` (e.g. :class:`~mixdefense.contranet.ContraNet`).
+
+:class:`MixDefense` runs the pre layers in order, then the classifier on the inputs still
+accepted, then the post layers in order; an input rejected by a layer is never shown to
+the later ones (an SAEC rejection skips the classifier).  Further detectors (Feature
+Squeezing, MagNet, … — paper §7) slot in between by their kind.  Images are
+``[B, C, H, W]`` floats in ``[0, 1]`` at the classifier's size; a post layer that works at
+another size resizes on its own.
+
+A trained detector is one plain-weights file (:func:`save_bundle` / :func:`load_detector`,
+``torch.load(weights_only=True)``): the classifier, every layer's weights, thresholds and
+settings.  No Lightning, no config file is needed to use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from mixdefense.classifiers import Classifier
+from mixdefense.contranet import ContraNet, contranet_from_payload, contranet_payload
+from mixdefense.io import atomic_torch_save, build_configured, configured_payload, load_tagged
+from mixdefense.saec import SAEC, saec_from_payload, saec_payload
+from mixdefense.validation import check_images
+
+BUNDLE_FORMAT = "mixdefense.detector/1"
+NOT_CLASSIFIED = -1  # label of an input rejected before the classifier ran
+ACCEPTED = -1  # layer index of an accepted input
+
+#: layer type name → (layer class, to-payload, from-payload), for bundles.
+LAYER_TYPES: dict[str, tuple[type, Callable[[Any], dict], Callable[[dict], nn.Module]]] = {
+    "saec": (SAEC, saec_payload, saec_from_payload),
+    "contranet": (ContraNet, contranet_payload, contranet_from_payload),
+}
+
+
+@dataclass
+class Verdict:
+    """What :meth:`MixDefense.detect` decided for a batch of ``B`` images.
+
+    ``labels [B]``: the classifier's label (``-1`` where a pre layer rejected the input, so the
+    classifier never ran); ``rejected [B]`` bool; ``layer [B]``: index into ``layer_names`` of
+    the layer that rejected the input, ``-1`` when accepted.
+    """
+
+    labels: torch.Tensor
+    rejected: torch.Tensor
+    layer: torch.Tensor
+    layer_names: list[str]
+
+    def rejected_by(self, name: str) -> torch.Tensor:
+        """``[B]`` bool: rejected by the layer called ``name``."""
+        if name not in self.layer_names:
+            raise KeyError(f"no layer {name!r}; layers: {self.layer_names}")
+        return self.layer == self.layer_names.index(name)
+
+    def caught_by(self) -> dict[str, int]:
+        """How many inputs each layer rejected (and how many were accepted)."""
+        counts = {n: int((self.layer == i).sum()) for i, n in enumerate(self.layer_names)}
+        counts["accepted"] = int((~self.rejected).sum())
+        return counts
+
+
+class MixDefense(nn.Module):
+    """The composite detector: ``layers`` (pre kinds first, then post kinds) around ``classifier``.
+
+    ``detect(x) → Verdict`` (also ``forward``).  Layer names must be unique.
+    """
+
+    def __init__(self, classifier: nn.Module, layers: Sequence[nn.Module]):
+        super().__init__()
+        kinds = [getattr(layer, "kind", None) for layer in layers]
+        if any(k not in ("pre", "post") for k in kinds):
+            raise ValueError(f"every layer needs kind 'pre' or 'post', got {kinds}")
+        if "post" in kinds and "pre" in kinds[kinds.index("post"):]:
+            raise ValueError(f"pre-classifier layers must come before post-classifier ones, got {kinds}")
+        names = [layer.name for layer in layers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"layer names must be unique, got {names}")
+        self.classifier = classifier.eval()
+        self.layers = nn.ModuleList(layers)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @torch.no_grad()
+    def detect(self, x: torch.Tensor) -> Verdict:
+        """Run the pipeline on ``x [B, C, H, W]`` in ``[0, 1]`` (see the module docstring)."""
+        size = getattr(self.classifier, "image_size", None)
+        check_images(x, channels=getattr(self.classifier, "in_channels", None), size=size)
+        b = x.shape[0]
+        labels = torch.full((b,), NOT_CLASSIFIED, dtype=torch.long, device=x.device)
+        layer = torch.full((b,), ACCEPTED, dtype=torch.long, device=x.device)
+        alive = torch.ones(b, dtype=torch.bool, device=x.device)
+        classified = False
+        for i, det in enumerate(self.layers):
+            if det.kind == "post" and not classified:
+                labels[alive] = self._classify(x[alive])
+                classified = True
+            idx = alive.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                break
+            rej = det(x[idx]) if det.kind == "pre" else det(x[idx], labels[idx])
+            layer[idx[rej]] = i
+            alive[idx[rej]] = False
+        if not classified:
+            labels[alive] = self._classify(x[alive])
+        return Verdict(labels, layer != ACCEPTED, layer, self.layer_names)
+
+    def _classify(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return torch.empty(0, dtype=torch.long, device=x.device)
+        self.classifier.eval()
+        return self.classifier(x).argmax(1)
+
+    def forward(self, x: torch.Tensor) -> Verdict:
+        return self.detect(x)
+
+
+def save_bundle(detector: MixDefense, path: str | Path, **record: Any) -> Path:
+    """Write the whole detector (classifier, layers, thresholds, settings) as one plain-weights file."""
+    if not isinstance(detector.classifier, Classifier):
+        raise TypeError("bundles store a mixdefense.classifiers.Classifier (save a custom model's weights yourself)")
+    layers = []
+    for layer in detector.layers:
+        kind = next((n for n, (cls, _, _) in LAYER_TYPES.items() if isinstance(layer, cls)), None)
+        if kind is None:
+            raise TypeError(f"no bundle format for layer type {type(layer).__name__}; known: {sorted(LAYER_TYPES)}")
+        layers.append({"type": kind, "payload": LAYER_TYPES[kind][1](layer)})
+    clf = detector.classifier
+    payload = {"format": BUNDLE_FORMAT, "classifier": configured_payload(clf),
+               "layers": layers, "record": record}
+    return atomic_torch_save(payload, path)
+
+
+def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> MixDefense:
+    """Load :func:`save_bundle`'s file with ``torch.load(weights_only=True)``; a ready :class:`MixDefense`."""
+    payload = load_tagged(path, BUNDLE_FORMAT, "detector bundle", map_location)
+    clf = build_configured(Classifier, payload["classifier"])
+    layers = []
+    for entry in payload["layers"]:
+        if entry["type"] not in LAYER_TYPES:
+            raise ValueError(f"{path}: unknown layer type {entry['type']!r}; known: {sorted(LAYER_TYPES)}")
+        layers.append(LAYER_TYPES[entry["type"]][2](entry["payload"]))
+    detector = MixDefense(clf, layers)
+    detector.record = payload.get("record", {})
+    return detector.eval()

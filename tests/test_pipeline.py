@@ -1,0 +1,111 @@
+"""The composite detector: layer order, SAEC rejections skip the classifier, verdicts, bundles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mixdefense
+from mixdefense.classifiers import Classifier
+from mixdefense.contranet import ContraNet
+from mixdefense.nets import EmbeddingNet, Reconstructor
+from mixdefense.pipeline import MixDefense, save_bundle
+from mixdefense.saec import SAEC
+
+
+class CountingClassifier(Classifier):
+    """A LeNet that records how many images it was shown."""
+
+    seen = 0
+
+    def forward(self, x):
+        type(self).seen += x.shape[0]
+        return super().forward(x)
+
+
+def _saec(threshold: float) -> SAEC:
+    saec = SAEC()
+    saec.threshold.fill_(threshold)
+    return saec
+
+
+def _contranet(threshold: float) -> ContraNet:
+    det = ContraNet(Reconstructor(1, 16, 10, 4, (4, 8), (8, 8, 8, 4)), EmbeddingNet(1, 6, "cnn", (4, 8)))
+    det.thresholds.fill_(threshold)
+    return det
+
+
+def _images(n: int = 12) -> torch.Tensor:
+    x = torch.rand(n, 1, 28, 28) * 0.2 + 0.4  # smooth-ish content
+    x[: n // 2] = (x[: n // 2] + 0.3 * torch.rand(n // 2, 1, 28, 28)).clamp(0, 1)  # noisy half
+    return x
+
+
+def test_an_saec_rejection_skips_the_classifier_and_later_layers():
+    x = _images()
+    saec = _saec(0.0)
+    scores = saec.score(x)
+    saec.threshold.fill_(float(scores.median()))  # rejects the half with the lower score
+    clf = CountingClassifier("lenet", 10, 1, 28)
+    CountingClassifier.seen = 0
+    verdict = MixDefense(clf, [saec, _contranet(1e9)]).detect(x)
+    pre_rejected = scores < scores.median()
+    assert torch.equal(verdict.rejected_by("saec"), pre_rejected)
+    assert CountingClassifier.seen == int((~pre_rejected).sum())  # the classifier never saw SAEC's rejections
+    assert (verdict.labels[pre_rejected] == -1).all() and (verdict.labels[~pre_rejected] >= 0).all()
+    assert not verdict.rejected_by("contranet").any()
+    assert verdict.caught_by() == {"saec": int(pre_rejected.sum()), "contranet": 0, "accepted": int((~pre_rejected).sum())}
+
+
+def test_post_layer_sees_the_predicted_label():
+    x = _images()
+    clf = Classifier("lenet", 10, 1, 28).eval()
+    seen = {}
+
+    class Spy(nn.Module):
+        kind, name = "post", "spy"
+
+        def forward(self, xs, ys):
+            seen["y"] = ys.clone()
+            return torch.zeros(len(ys), dtype=torch.bool)
+
+    verdict = MixDefense(clf, [Spy()]).detect(x)
+    assert torch.equal(seen["y"], clf(x).argmax(1)) and torch.equal(verdict.labels, seen["y"])
+    assert not verdict.rejected.any() and (verdict.layer == -1).all()
+
+
+def test_layer_order_and_names_are_checked():
+    clf = Classifier("lenet", 10, 1, 28)
+    with pytest.raises(ValueError, match="before post"):
+        MixDefense(clf, [_contranet(1.0), _saec(0.0)])
+    with pytest.raises(ValueError, match="unique"):
+        MixDefense(clf, [_saec(0.0), _saec(0.0)])
+    with pytest.raises(ValueError, match="kind"):
+        MixDefense(clf, [nn.Identity()])
+
+
+def test_bundle_round_trip_gives_identical_verdicts(tmp_path):
+    x = _images()
+    saec = _saec(0.0)
+    saec.threshold.fill_(float(saec.score(x).quantile(0.25)))
+    contranet = _contranet(0.0)
+    clf = Classifier("lenet", 10, 1, 28).eval()
+    contranet.thresholds.fill_(float(contranet.score(x, clf(x).argmax(1)).median()))
+    detector = MixDefense(clf, [saec, contranet])
+    save_bundle(detector, tmp_path / "d.pt", dataset="synthetic")
+    payload = torch.load(tmp_path / "d.pt", weights_only=True)  # plain weights only
+    assert payload["format"] == "mixdefense.detector/1"
+    loaded = mixdefense.load_detector(tmp_path / "d.pt")
+    a, b = detector.detect(x), loaded.detect(x)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.layer, b.layer) and a.layer_names == b.layer_names
+    assert a.rejected.any() and not a.rejected.all()
+    assert loaded.record == {"dataset": "synthetic"}
+
+
+def test_detect_validates_its_input():
+    detector = MixDefense(Classifier("lenet", 10, 1, 28), [_saec(0.0)])
+    with pytest.raises(ValueError, match="size"):
+        detector.detect(torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match="NaN"):
+        detector.detect(torch.full((2, 1, 28, 28), float("nan")))
