@@ -14,11 +14,13 @@ STAMP := $(VENV)/.installed
 
 ifeq ($(PROFILE),paper)
   SUFFIX := _paper
+else ifeq ($(PROFILE),quick)
+  SUFFIX := _quick
 else
   SUFFIX :=
 endif
 
-.PHONY: help install data test test-slow demo train-classifier train-cgan evaluate-cgan train-metric evaluate-contranet saec clean-runs
+.PHONY: help install data test test-slow demo train-classifier train-cgan evaluate-cgan train-metric evaluate-contranet bundle evaluate saec clean-runs
 
 help:
 	@echo "make demo                         the main job (installs, fetches data, runs)"
@@ -29,6 +31,8 @@ help:
 	@echo "make evaluate-cgan DATASET=ds     faithfulness (SSIM) and label binding of the exported cGAN, Figure-8 grid"
 	@echo "make train-metric DATASET=ds      train ContraNet's metric model M, then calibrate + evaluate the detector"
 	@echo "make evaluate-contranet DATASET=ds  calibrate ContraNet (M, L2, SSIM, M+SSIM) and measure it against FGSM/PGD/C&W"
+	@echo "make bundle DATASET=ds            one detector file (classifier + SAEC + ContraNet), checked on clean images"
+	@echo "make evaluate DATASET=ds          attacks x budgets -> Acc_detector / Acc_RC curves (PROFILE=quick: 3 x 3)"
 	@echo "make saec DATASET=ds              calibrate SAEC on uniform noise, then evaluate it against attacks"
 	@echo "datasets: mnist cifar10 gtsrb; data root: \$$MIXDEFENSE_DATA (default ./data)"
 
@@ -78,6 +82,13 @@ evaluate-contranet: $(STAMP) data
 	$(MD) contranet evaluate --dataset $(DATASET) --cgan artifacts/$(DATASET)/cgan$(SUFFIX).pt \
 		--metric artifacts/$(DATASET)/metric$(SUFFIX).pt --bundle artifacts/$(DATASET)/contranet$(SUFFIX).pt \
 		--out results/$(DATASET)/contranet$(SUFFIX) $(EVAL_ARGS)
+
+# The detector bundle from the trained parts, then the paper's sweep (PROFILE=quick: 3 attacks x 3 budgets).
+bundle: $(STAMP) data
+	$(MD) bundle --dataset $(DATASET)
+
+evaluate: $(STAMP) data
+	$(MD) test --config experiments/$(DATASET)/evaluate$(SUFFIX).yaml $(ARGS)
 
 saec: $(STAMP) data
 	$(MD) saec calibrate --config experiments/$(DATASET)/saec.yaml

@@ -3,6 +3,8 @@
 from lightning_modules.callbacks import ExportCGAN, ExportClassifier, ExportMetric, WallClock
 from lightning_modules.cgan import CGANModule
 from lightning_modules.classifier import ClassifierModule
+from lightning_modules.evaluation import MixDefenseEvaluation
 from lightning_modules.metric import MetricModule
 
-__all__ = ["CGANModule", "ClassifierModule", "ExportCGAN", "ExportClassifier", "ExportMetric", "MetricModule", "WallClock"]
+__all__ = ["CGANModule", "ClassifierModule", "ExportCGAN", "ExportClassifier", "ExportMetric", "MetricModule", "MixDefenseEvaluation",
+           "WallClock"]

@@ -109,3 +109,19 @@ def test_detect_validates_its_input():
         detector.detect(torch.rand(2, 1, 32, 32))
     with pytest.raises(ValueError, match="NaN"):
         detector.detect(torch.full((2, 1, 28, 28), float("nan")))
+
+
+def test_layer_table_gives_the_same_verdict_as_detect():
+    x = _images(16)
+    saec = _saec(0.0)
+    saec.threshold.fill_(float(saec.score(x).quantile(0.3)))
+    contranet = _contranet(0.0)
+    clf = Classifier("lenet", 10, 1, 28).eval()
+    contranet.thresholds.fill_(float(contranet.score(x, clf(x).argmax(1)).quantile(0.6)))
+    detector = MixDefense(clf, [saec, contranet])
+    labels, margins = detector.layer_table(x)
+    assert margins.shape == (2, 16)
+    assert torch.equal(margins[0] > 1, saec(x)) and torch.equal(margins[1] > 1, contranet(x, labels))
+    a, b = detector.detect(x), detector.verdict_from_table(labels, margins)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.layer, b.layer) and torch.equal(a.rejected, b.rejected)
+    assert a.rejected_by("saec").any() and a.rejected_by("contranet").any()

@@ -183,6 +183,15 @@ class ContraNet(nn.Module):
         t = self.thresholds.to(next(iter(parts.values())).device)
         return torch.stack([parts[s] > t[i] for i, s in enumerate(self.scores)], 1).any(1)
 
+    def margin(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``max_k s_k / t_k`` ``[B]``: ``> 1`` exactly where the input is rejected (composes with
+        other layers' margins)."""
+        if not self.calibrated:
+            raise RuntimeError("ContraNet is not calibrated: call calibrate() or load a calibrated bundle")
+        parts = self.score_components(x, y)
+        t = self.thresholds.to(x.device).clamp_min(1e-12)
+        return torch.stack([parts[s] / t[i] for i, s in enumerate(self.scores)], 1).amax(1)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``BoolTensor[B]``, ``True`` = rejected as adversarial (``y``: the predicted labels)."""
         return self.decide(self.score_components(x, y))

@@ -120,6 +120,29 @@ class MixDefense(nn.Module):
             labels[alive] = self._classify(x[alive])
         return Verdict(labels, layer != ACCEPTED, layer, self.layer_names)
 
+    @torch.no_grad()
+    def layer_table(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer on *every* input, for evaluation: ``(labels [B], margins [L, B])``.
+
+        ``margins[i] > 1`` exactly where layer ``i`` alone rejects the input (each layer's
+        ``margin``); the composite's decision is then the first layer in order with a margin
+        ``> 1`` — the same verdict as :meth:`detect`, which never runs a later layer on a
+        rejected input — and ``margins.amax(0)`` is a single score for ROC curves.
+        """
+        labels = self._classify(x)
+        rows = [det.margin(x) if det.kind == "pre" else det.margin(x, labels) for det in self.layers]
+        return labels, torch.stack(rows)
+
+    def verdict_from_table(self, labels: torch.Tensor, margins: torch.Tensor) -> Verdict:
+        """The composite's :class:`Verdict` from :meth:`layer_table`: the first rejecting layer wins,
+        and an input a pre layer rejected gets label ``-1`` (the classifier never saw it)."""
+        rej = margins > 1
+        any_rej = rej.any(0)
+        first = torch.where(any_rej, rej.int().argmax(0), torch.full_like(labels, ACCEPTED))
+        is_pre = torch.tensor([det.kind == "pre" for det in self.layers], device=labels.device)
+        by_pre = any_rej & is_pre[first.clamp_min(0)]
+        return Verdict(labels.masked_fill(by_pre, NOT_CLASSIFIED), any_rej, first, self.layer_names)
+
     def _classify(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
             return torch.empty(0, dtype=torch.long, device=x.device)

@@ -224,6 +224,13 @@ class SAEC(nn.Module):
             raise RuntimeError("SAEC is not calibrated: call calibrate(...) or load a calibrated state_dict")
         return self.score(x) < self.threshold
 
+    def margin(self, x: torch.Tensor) -> torch.Tensor:
+        """``threshold / NL`` ``[B]``: ``> 1`` exactly where the input is rejected (a score for ROC curves
+        that composes with other layers' margins)."""
+        if not self.calibrated:
+            raise RuntimeError("SAEC is not calibrated: call calibrate(...) or load a calibrated state_dict")
+        return self.threshold / self.score(x).clamp_min(torch.finfo(torch.float32).tiny)
+
     # -- calibration (paper §5.3) ---------------------------------------------------------
     @torch.no_grad()
     def calibrate(

@@ -1,0 +1,117 @@
+"""The composite evaluation (`mixdefense test --config experiments/<ds>/evaluate*.yaml`): rows → metrics, DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.evaluation import _points, summarize
+from mixdefense.classifiers import load_classifier
+from mixdefense.cli import load_images, main
+from mixdefense.contranet import ContraNet
+from mixdefense.nets import EmbeddingNet, Reconstructor
+from mixdefense.pipeline import MixDefense, save_bundle
+from mixdefense.saec import load_saec
+
+REPO = Path(__file__).resolve().parents[1]
+ATTACKS = "{fgsm: {budgets: [8, 64]}, cw: {bins: {l2: [1.0, 3.0]}, steps: 10}}"
+
+
+def test_points_and_budget_units():
+    pts = _points({"fgsm": {"budgets": [8, 2]}, "fgm": {"budgets": [0.5]}, "deepfool": {"bins": {"l2": [1.0], "linf": [8]}}})
+    assert [(p["attack"], p["norm"], round(p["eps"], 6)) for p in pts] == [
+        ("fgsm", "linf", round(2 / 255, 6)), ("fgsm", "linf", round(8 / 255, 6)), ("fgm", "l2", 0.5),
+        ("deepfool", "l2", 1.0), ("deepfool", "linf", round(8 / 255, 6))]
+    with pytest.raises(ValueError, match="bins"):
+        _points({"cw": {"budgets": [1.0]}})
+    with pytest.raises(ValueError, match="budgets"):
+        _points({"fgsm": {}})
+
+
+def test_summary_formulas_on_hand_made_rows():
+    """Two layers; 4 AEs at one point: the metrics equal eqs. 7–8 computed by hand."""
+    points = [{"attack": "fgsm", "norm": "linf", "eps": 0.1, "binned": False}]
+    #            point success correct norm  adv margins (a, b)  clean margins (a, b)
+    ae = torch.tensor([[0, 1, 0, .1, 2.0, 0.5, 0.1, 0.2],   # caught by a, clean accepted
+                       [0, 1, 0, .1, 0.5, 3.0, 0.1, 0.2],   # caught by b
+                       [0, 1, 0, .1, 0.5, 0.5, 0.1, 1.5],   # missed; its clean original rejected by b
+                       [0, 0, 1, .1, 0.5, 0.5, 0.1, 0.2]])  # failed AE, accepted and correct
+    clean = torch.tensor([[1, 0.1, 0.2], [1, 0.1, 1.5], [0, 0.1, 0.2], [1, 2.0, 0.2]])
+    out = summarize(ae, clean, points, ["a", "b"], min_successes=3)
+    mix = next(r for r in out["points"] if r["defense"] == "mixdefense")
+    a = next(r for r in out["points"] if r["defense"] == "a")
+    assert mix["num_successful"] == 3 and mix["kept"] and mix["attack_success_rate"] == 0.75
+    assert mix["detection_rate"] == pytest.approx(2 / 3) and a["detection_rate"] == pytest.approx(1 / 3)
+    # eq. 7 on the 3 successful AEs and their 3 originals: TP = 2 clean accepted, TN = 2 AEs rejected
+    assert mix["acc_detector"] == pytest.approx(4 / 6) and mix["clean_rejection_rate"] == pytest.approx(1 / 3)
+    # eq. 8 over all 4 AEs: 2 rejected + 1 correctly classified
+    assert mix["acc_rc"] == pytest.approx(3 / 4)
+    assert mix["caught_by_a"] == pytest.approx(1 / 3) and mix["caught_by_b"] == pytest.approx(1 / 3)
+    c = out["clean"]
+    assert c["accuracy_classifier"] == 0.75 and c["accuracy_with_defense"] == 0.25
+    assert c["false_rejection"] == {"a": 0.25, "b": 0.25, "mixdefense": 0.5}
+
+
+@pytest.fixture(scope="module")
+def mnist_bundle(tmp_path_factory, data_root):
+    """The shipped LeNet and SAEC with a small untrained ContraNet whose threshold is set on clean images."""
+    clf = load_classifier(REPO / "artifacts/mnist/classifier.pt")
+    contranet = ContraNet(Reconstructor(1, 16, 10, 4, (4, 8), (8, 8, 8, 4)), EmbeddingNet(1, 6, "cnn", (4, 8)))
+    x, _ = load_images("mnist", "val", 200, data_root=str(data_root))
+    contranet.calibrate(x, clf(x).argmax(1), 0.1)
+    path = tmp_path_factory.mktemp("bundle") / "detector.pt"
+    save_bundle(MixDefense(clf, [load_saec(REPO / "artifacts/mnist/saec.pt"), contranet]), path)
+    return path
+
+
+def _test_args(bundle: Path, out: Path, data_root: Path) -> list[str]:
+    return ["test", "--config", str(REPO / "experiments/mnist/evaluate_quick.yaml"), "--trainer.accelerator=cpu",
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--model.init_args.bundle={bundle}",
+            f"--model.init_args.report_dir={out}", "--model.init_args.min_successes=1",
+            f"--model.init_args.attacks={ATTACKS}", f"--data.init_args.data_root={data_root.resolve()}",
+            "--data.init_args.test_subset=40", "--data.init_args.batch_size=10"]
+
+
+def test_evaluation_writes_the_report_and_the_composite_catches_at_least_each_layer(mnist_bundle, tmp_path, data_root,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(_test_args(mnist_bundle, tmp_path / "report", data_root)) == 0
+    result = json.loads((tmp_path / "report/evaluation.json").read_text())
+    assert {r["defense"] for r in result["points"]} == {"saec", "contranet", "mixdefense"}
+    assert len(result["points"]) == 3 * (2 + 2)  # 3 defenses × (2 FGSM budgets + 2 C&W bins)
+    by = {(r["attack"], r["eps"], r["defense"]): r for r in result["points"]}
+    for (attack, eps, d), r in by.items():
+        if d == "mixdefense" and r["num_successful"]:
+            assert r["detection_rate"] >= max(by[(attack, eps, "saec")]["detection_rate"],
+                                              by[(attack, eps, "contranet")]["detection_rate"])
+        assert r["acc_rc"] != r["acc_rc"] or 0 <= r["acc_rc"] <= 1
+    assert result["clean"]["images"] == 40 and 0.9 <= result["clean"]["accuracy_classifier"] <= 1
+    for name in ("points.csv", "acc_detector.png", "acc_rc.png", "detection_rate.png"):
+        assert (tmp_path / "report" / name).is_file()
+
+
+def test_ddp_on_two_cpu_processes_gives_the_same_metrics(mnist_bundle, tmp_path, data_root):
+    """strategy=ddp, 2 processes (gloo): every process attacks its shard, the rows are gathered."""
+    runs = {}
+    for devices in (1, 2):
+        out = tmp_path / f"d{devices}"
+        args = _test_args(mnist_bundle, out, data_root) + [f"--trainer.devices={devices}"]
+        if devices == 2:
+            args.append("--trainer.strategy=ddp")
+        proc = subprocess.run([sys.executable, "-m", "mixdefense.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[devices] = json.loads((out / "evaluation.json").read_text())
+    one, two = runs[1], runs[2]
+    assert one["clean"] == two["clean"]
+    for a, b in zip(one["points"], two["points"]):
+        for k, v in a.items():
+            if isinstance(v, float):
+                assert v == pytest.approx(b[k], abs=1e-6, nan_ok=True), (a["attack"], a["eps"], a["defense"], k)
+            else:
+                assert v == b[k]
