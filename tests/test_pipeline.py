@@ -125,3 +125,69 @@ def test_layer_table_gives_the_same_verdict_as_detect():
     a, b = detector.detect(x), detector.verdict_from_table(labels, margins)
     assert torch.equal(a.labels, b.labels) and torch.equal(a.layer, b.layer) and torch.equal(a.rejected, b.rejected)
     assert a.rejected_by("saec").any() and a.rejected_by("contranet").any()
+
+
+# -- mixdefense detect ---------------------------------------------------------------------
+@pytest.fixture()
+def bundle_path(tmp_path):
+    x = _images()
+    saec = _saec(0.0)
+    saec.threshold.fill_(float(saec.score(x).quantile(0.25)))
+    clf = Classifier("lenet", 10, 1, 28).eval()
+    contranet = _contranet(0.0)
+    contranet.thresholds.fill_(float(contranet.score(x, clf(x).argmax(1)).median()))
+    path = tmp_path / "d.pt"
+    save_bundle(MixDefense(clf, [saec, contranet]), path)
+    return path
+
+
+def test_detect_cli_on_pngs_folders_and_tensors(bundle_path, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from mixdefense.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    x = _images(4)
+    for i in range(3):
+        Image.fromarray((x[i, 0].numpy() * 255).astype("uint8")).save(folder / f"{i}.png")
+    Image.new("RGB", (40, 30), (120, 10, 200)).save(tmp_path / "colour.jpg")  # converted to gray, resized
+    torch.save(x[:2], tmp_path / "batch.pt")
+    assert main(["detect", "--bundle", str(bundle_path), str(folder), str(tmp_path / "colour.jpg"),
+                 str(tmp_path / "batch.pt"), "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert len(records) == 3 + 1 + 2
+    assert all((r["layer"] is None) == (not r["rejected"]) for r in records)
+    assert all(r["label"] is None or 0 <= r["label"] < 10 for r in records)
+    assert main(["detect", "--bundle", str(bundle_path), str(folder)]) == 0
+    assert "3 image(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make,reason", [
+    (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n garbage"), "not a readable image"),
+    (lambda p: torch.save(torch.rand(2, 3, 28, 28), p), "channel"),
+    (lambda p: torch.save(torch.rand(2, 1, 28, 28) * 2, p), "[0, 1]"),
+    (lambda p: torch.save({"x": 1}, p), "expected a tensor"),
+    (lambda p: torch.save(torch.rand(2, 1, 32, 32), p), "size 28x28"),
+])
+def test_detect_cli_refuses_bad_inputs_with_a_reason(bundle_path, tmp_path, capsys, make, reason):
+    from mixdefense.cli import main
+
+    bad = tmp_path / ("bad.png" if "image" in reason else "bad.pt")
+    make(bad)
+    assert main(["detect", "--bundle", str(bundle_path), str(bad)]) == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_detect_cli_missing_inputs_and_bundles(bundle_path, tmp_path, capsys):
+    from mixdefense.cli import main
+
+    assert main(["detect", "--bundle", str(bundle_path), str(tmp_path / "nope.png")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("hi")
+    assert main(["detect", "--bundle", str(bundle_path), str(tmp_path / "notes.txt")]) == 2
+    assert "unsupported file type" in capsys.readouterr().err
+    assert main(["detect", "--bundle", str(tmp_path / "none.pt"), str(tmp_path / "notes.txt")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -106,8 +106,15 @@ def _bundle(argv: list[str]) -> int:
     return 0
 
 
+def _detect(argv: list[str]) -> int:
+    from mixdefense import detect_cli
+
+    return detect_cli.main(argv)
+
+
 def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
     return {
+        "detect": (_detect, "run a detector bundle on image files / folders / .pt tensors: label, accepted or rejected by which layer"),
         "bundle": (_bundle, "assemble the detector bundle (classifier + SAEC + ContraNet) and check it on clean images"),
         "cgan": (_cgan, "evaluate a trained cGAN: faithfulness (SSIM) and label binding, Figure-8 grid"),
         "contranet": (_contranet, "calibrate the ContraNet detector (cGAN + metric model) and evaluate it against attacks"),
