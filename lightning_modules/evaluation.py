@@ -82,10 +82,12 @@ class MixDefenseEvaluation(pl.LightningModule):
         min_successes: points with fewer successful AEs are marked dropped.
         report_dir: where the JSON, CSV and figures go.
         title: figure title prefix (e.g. the dataset).
+        examples: save this many clean images and, per attack, successful AEs (at its largest
+            budget) as PNG files under ``report_dir/examples/`` (from the first batch).
     """
 
     def __init__(self, bundle: str, attacks: dict[str, dict[str, Any]], min_successes: int = 100,
-                 report_dir: str = "results/mixdefense", title: str = ""):
+                 report_dir: str = "results/mixdefense", title: str = "", examples: int = 0):
         super().__init__()
         if not Path(bundle).exists():
             raise FileNotFoundError(f"detector bundle not found: {bundle} (make it with `mixdefense bundle --dataset ...`)")
@@ -108,6 +110,9 @@ class MixDefenseEvaluation(pl.LightningModule):
         if not ok.any():
             return
         xa, ya, clean_m = x[ok], y[ok], margins[:, ok]
+        save_examples = batch_idx == 0 and self.hparams.examples > 0 and self.trainer.is_global_zero
+        if save_examples:
+            self._save_pngs(xa[: self.hparams.examples], "clean")
         for name in self.hparams.attacks:
             ids = [i for i, p in enumerate(self.points) if p["attack"] == name]
             with torch.inference_mode(False), torch.enable_grad():
@@ -119,6 +124,8 @@ class MixDefenseEvaluation(pl.LightningModule):
             for k, adv in enumerate(advs):
                 adv_labels, adv_m = self.detector.layer_table(adv)
                 base = [(adv_labels != ya).float(), (adv_labels == ya).float()]
+                if save_examples and k == len(advs) - 1:
+                    self._save_pngs(adv[adv_labels != ya][: self.hparams.examples], name)
                 if get_attack(name).budgeted:
                     i = ids[k]
                     norm = perturbation_norm(adv, xa, self.points[i]["norm"])
@@ -132,6 +139,14 @@ class MixDefenseEvaluation(pl.LightningModule):
                     keep = which < len(bin_ids)
                     point = torch.tensor(bin_ids, device=adv.device, dtype=torch.float)[which.clamp_max(len(bin_ids) - 1)]
                     self._add_rows(point[keep], [b[keep] for b in base], norm[keep], adv_m[:, keep], clean_m[:, keep])
+
+    def _save_pngs(self, images: torch.Tensor, folder: str) -> None:
+        import torchvision
+
+        out = Path(self.hparams.report_dir) / "examples" / folder
+        out.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            torchvision.utils.save_image(img, out / f"{i:02d}.png")
 
     def _add_rows(self, point, base, norm, adv_m, clean_m):
         if point.numel():
@@ -150,6 +165,9 @@ class MixDefenseEvaluation(pl.LightningModule):
         if self.trainer.is_global_zero:
             write_report(result, Path(self.hparams.report_dir), self.hparams.title)
             self._log_wandb(result)
+            print(format_table(result))
+            print(f"wrote {self.hparams.report_dir}/evaluation.json, points.csv, acc_detector.png, acc_rc.png, "
+                  "detection_rate.png")
 
     def _log_wandb(self, result: dict) -> None:
         for logger in self.loggers:
@@ -222,6 +240,29 @@ def summarize(ae: torch.Tensor, clean: torch.Tensor, points: list[dict], layer_n
                         r[f"caught_by_{name}"] = float((first == i).float().mean())
             rows.append(r)
     return {"clean": clean_summary, "layers": layer_names, "min_successes": min_successes, "points": rows}
+
+
+def format_table(result: dict) -> str:
+    """The composite's points as a text table (attack, ε, attack success, Acc_detector, Acc_RC, catches)."""
+    c = result["clean"]
+    fr = ", ".join(f"{k} {100 * v:.1f} %" for k, v in c["false_rejection"].items())
+    lines = [f"clean ({c['images']} test images): accuracy {100 * c['accuracy_classifier']:.1f} % without the defense, "
+             f"{100 * c['accuracy_with_defense']:.1f} % with it (rejections count as errors); false rejection: {fr}",
+             "", f"{'attack':<16} {'eps':>9} {'AEs':>5} {'success':>8} {'Acc_det':>8} {'Acc_RC':>7} {'AUROC':>6}  caught by",]
+    for r in result["points"]:
+        if r["defense"] != COMPOSITE:
+            continue
+        eps = f"{r['eps'] * 255:.0f}/255" if r["norm"] == "linf" else f"{r['eps']:.2f}"
+        if r["binned"]:
+            eps = "≤" + eps
+        caught = ", ".join(f"{k[len('caught_by_'):]} {100 * v:.0f} %" for k, v in r.items() if k.startswith("caught_by_"))
+        flag = "" if r["kept"] else f"  (dropped: {r['num_successful']} successful AEs < {result['min_successes']})"
+        pct = lambda v: "   —" if v != v else f"{100 * v:.1f}"  # noqa: E731
+        auroc = "  —" if r["auroc"] != r["auroc"] else f"{r['auroc']:.3f}"
+        name = f"{r['attack']} ({r['norm']})" if r["binned"] else r["attack"]
+        lines.append(f"{name:<16} {eps:>9} {r['num_aes']:>5} {pct(r['attack_success_rate']):>8} "
+                     f"{pct(r['acc_detector']):>8} {pct(r['acc_rc']):>7} {auroc:>6}  {caught}{flag}")
+    return "\n".join(lines)
 
 
 def write_report(result: dict, out: Path, title: str = "") -> None:

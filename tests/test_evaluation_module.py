@@ -78,10 +78,12 @@ def _test_args(bundle: Path, out: Path, data_root: Path) -> list[str]:
 
 
 def test_evaluation_writes_the_report_and_the_composite_catches_at_least_each_layer(mnist_bundle, tmp_path, data_root,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(_test_args(mnist_bundle, tmp_path / "report", data_root)) == 0
+    assert main(_test_args(mnist_bundle, tmp_path / "report", data_root) + ["--model.init_args.examples=3"]) == 0
     result = json.loads((tmp_path / "report/evaluation.json").read_text())
+    assert len(list((tmp_path / "report/examples/clean").glob("*.png"))) == 3
+    assert "Acc_det" in capsys.readouterr().out
     assert {r["defense"] for r in result["points"]} == {"saec", "contranet", "mixdefense"}
     assert len(result["points"]) == 3 * (2 + 2)  # 3 defenses × (2 FGSM budgets + 2 C&W bins)
     by = {(r["attack"], r["eps"], r["defense"]): r for r in result["points"]}
