@@ -191,3 +191,16 @@ def test_detect_cli_missing_inputs_and_bundles(bundle_path, tmp_path, capsys):
     assert "unsupported file type" in capsys.readouterr().err
     assert main(["detect", "--bundle", str(tmp_path / "none.pt"), str(tmp_path / "notes.txt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_layers_of_another_dataset_are_refused():
+    with pytest.raises(ValueError, match="different datasets"):
+        MixDefense(Classifier("lenet", 43, 1, 28), [_contranet(1.0)])  # a 10-class ContraNet
+    rgb = ContraNet(Reconstructor(3, 16, 10, 4, (4, 8), (8, 8, 8, 4)), EmbeddingNet(3, 6, "cnn", (4, 8)))
+    with pytest.raises(ValueError, match="channel"):
+        MixDefense(Classifier("lenet", 10, 1, 28), [rgb])
+
+
+def test_bundle_records_versions(bundle_path):
+    detector = mixdefense.load_detector(bundle_path)
+    assert detector.versions["torch"] == torch.__version__ and detector.versions["mixdefense"] == mixdefense.__version__

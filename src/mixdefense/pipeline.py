@@ -89,6 +89,16 @@ class MixDefense(nn.Module):
         names = [layer.name for layer in layers]
         if len(set(names)) != len(names):
             raise ValueError(f"layer names must be unique, got {names}")
+        classes = getattr(classifier, "num_classes", None)
+        for layer in layers:
+            k = getattr(layer, "num_classes", None)
+            if classes is not None and k is not None and k != classes:
+                raise ValueError(f"layer {layer.name!r} knows {k} classes, the classifier {classes}: they belong to different datasets")
+        channels = getattr(classifier, "in_channels", None)
+        for layer in layers:
+            rec = getattr(layer, "reconstructor", None)
+            if channels is not None and rec is not None and rec.in_channels != channels:
+                raise ValueError(f"layer {layer.name!r} takes {rec.in_channels}-channel images, the classifier {channels}")
         self.classifier = classifier.eval()
         self.layers = nn.ModuleList(layers)
 
@@ -164,8 +174,11 @@ def save_bundle(detector: MixDefense, path: str | Path, **record: Any) -> Path:
             raise TypeError(f"no bundle format for layer type {type(layer).__name__}; known: {sorted(LAYER_TYPES)}")
         layers.append({"type": kind, "payload": LAYER_TYPES[kind][1](layer)})
     clf = detector.classifier
+    import mixdefense
+
+    versions = {"mixdefense": str(mixdefense.__version__), "torch": str(torch.__version__)}
     payload = {"format": BUNDLE_FORMAT, "classifier": configured_payload(clf),
-               "layers": layers, "record": record}
+               "layers": layers, "versions": versions, "record": record}
     return atomic_torch_save(payload, path)
 
 
@@ -180,4 +193,5 @@ def load_detector(path: str | Path, map_location: str | torch.device = "cpu") ->
         layers.append(LAYER_TYPES[entry["type"]][2](entry["payload"]))
     detector = MixDefense(clf, layers)
     detector.record = payload.get("record", {})
+    detector.versions = payload.get("versions", {})
     return detector.eval()
