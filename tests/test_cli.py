@@ -138,3 +138,24 @@ def test_metric_trains_exports_and_contranet_evaluates_end_to_end(data_root, tmp
     detector = load_contranet(tmp_path / "artifacts/mnist/contranet.pt")
     assert detector.calibrated and detector.scores == ("metric",)
     assert "Label AUROC" in capsys.readouterr().out
+
+
+def test_bundle_command_assembles_and_checks_the_detector(data_root, tmp_path, monkeypatch, capsys):
+    import json
+
+    import mixdefense
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for name in ("classifier.pt", "saec.pt", "contranet.pt"):
+        (parts / name).write_bytes((REPO / "artifacts/mnist" / name).read_bytes())
+    assert main(["bundle", "--dataset", "mnist", "--parts", str(parts), "--check-images", "60",
+                 "--contranet-frr", "0.02", "--calibration-images", "200"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["contranet_calibration"]["achieved_frr"] <= 0.02
+    check = report["clean_check"]
+    assert check["images"] == 60 and check["accuracy_with_defense"] <= check["accuracy_classifier"]
+    detector = mixdefense.load_detector(parts / "detector.pt")
+    assert detector.layer_names == ["saec", "contranet"] and detector.record["clean_check"] == check

@@ -85,12 +85,19 @@ def _bundle(argv: list[str]) -> int:
     ap.add_argument("--parts", default=None, help="folder of classifier.pt, saec.pt, contranet.pt (default artifacts/<ds>)")
     ap.add_argument("--out", default=None, help="bundle path (default <parts>/detector.pt)")
     ap.add_argument("--check-images", type=int, default=1000, help="clean test images for the check (0: none)")
+    ap.add_argument("--contranet-frr", type=float, default=None,
+                    help="recalibrate ContraNet at this clean false-rejection rate on validation images "
+                         "(default: keep contranet.pt's thresholds)")
+    ap.add_argument("--calibration-images", type=int, default=2000, help="validation images for --contranet-frr")
     args = ap.parse_args(argv)
     parts = args.parts or f"artifacts/{args.dataset}"
     out = args.out or f"{parts}/detector.pt"
-    detector = MixDefense(load_classifier(f"{parts}/classifier.pt"),
-                          [load_saec(f"{parts}/saec.pt"), load_contranet(f"{parts}/contranet.pt")])
+    classifier, contranet = load_classifier(f"{parts}/classifier.pt"), load_contranet(f"{parts}/contranet.pt")
     record = {"dataset": args.dataset, "parts": parts}
+    if args.contranet_frr is not None:
+        x_val, _ = load_images(args.dataset, "val", args.calibration_images)
+        record["contranet_calibration"] = contranet.calibrate(x_val, classifier.predict(x_val), args.contranet_frr).as_dict()
+    detector = MixDefense(classifier, [load_saec(f"{parts}/saec.pt"), contranet])
     if args.check_images:
         x, y = load_images(args.dataset, "test", args.check_images)
         verdict = load_detector(save_bundle(detector, out, **record)).detect(x)
