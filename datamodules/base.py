@@ -177,7 +177,10 @@ class ImageDataModule(pl.LightningDataModule):
                 images, labels = images[: self.train_subset], labels[: self.train_subset]
             n_val = int(round(len(labels) * self.val_fraction))
             perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-            val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+            # the validation images stay in the seeded random order: a class-sorted source (GTSRB)
+            # would otherwise put only its first classes in a truncated validation (limit_val_batches,
+            # the first N calibration images)
+            val_idx, train_idx = perm[:n_val], perm[n_val:].sort().values
             self.data_train = ImageTensorDataset(images[train_idx], labels[train_idx])
             self.data_val = ImageTensorDataset(images[val_idx], labels[val_idx])
         if stage in (None, "test", "predict") and self.data_test is None:
