@@ -186,11 +186,7 @@ class ContraNet(nn.Module):
     def margin(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``max_k s_k / t_k`` ``[B]``: ``> 1`` exactly where the input is rejected (composes with
         other layers' margins)."""
-        if not self.calibrated:
-            raise RuntimeError("ContraNet is not calibrated: call calibrate() or load a calibrated bundle")
-        parts = self.score_components(x, y)
-        t = self.thresholds.to(x.device).clamp_min(1e-12)
-        return torch.stack([parts[s] / t[i] for i, s in enumerate(self.scores)], 1).amax(1)
+        return self._ratios(self.score_components(x, y))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``BoolTensor[B]``, ``True`` = rejected as adversarial (``y``: the predicted labels)."""
@@ -205,10 +201,12 @@ class ContraNet(nn.Module):
 
     def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """One score per image from the components ``{name: [B]}``: raw, or ``max_k s_k / t_k`` for an OR."""
-        if len(self.scores) == 1:
-            return parts[self.scores[0]]
+        return parts[self.scores[0]] if len(self.scores) == 1 else self._ratios(parts)
+
+    def _ratios(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``max_k s_k / t_k`` ``[B]`` (needs the thresholds)."""
         if not self.calibrated:
-            raise RuntimeError("an OR of several scores has a single score only once calibrated (call calibrate)")
+            raise RuntimeError("ContraNet is not calibrated: call calibrate() or load a calibrated bundle")
         t = self.thresholds.to(next(iter(parts.values())).device).clamp_min(1e-12)
         return torch.stack([parts[s] / t[i] for i, s in enumerate(self.scores)], 1).amax(1)
 

@@ -153,9 +153,11 @@ def attack_points(args, classifier, table: ScoreTable, variants: dict[str, Contr
             sets = [(float("nan"), torch.cat(parts))]
         seconds = time.perf_counter() - start
         norm = spec.norm
+        # one clean tensor per attack, so the score table of the originals is computed once
+        n = len(sets[0][1])
+        x_src, y_src = (x, y) if n == len(x) else (x[:n], y[:n])
         for eps, x_adv in sets:
             pred_adv = predict(classifier, x_adv)
-            x_src, y_src = x[: len(x_adv)], y[: len(x_adv)]
             for name, det in variants.items():
                 r = point_metrics(attack, norm, eps, x_src, y_src, x_adv, pred_adv, table.detector(det), args.min_successes)
                 rows.append({**r.as_dict(), "defense": name, "attack_seconds": round(seconds, 1)})
