@@ -20,7 +20,7 @@ else
   SUFFIX :=
 endif
 
-.PHONY: help install data test test-slow demo train-classifier train-cgan evaluate-cgan train-metric evaluate-contranet bundle evaluate saec clean-runs
+.PHONY: help install data test test-slow demo train-classifier train-cgan evaluate-cgan train-metric evaluate-contranet bundle evaluate saec adaptive train-madry train-magnet baselines compare clean-runs
 
 help:
 	@echo "make demo                         the main job (installs, fetches data, runs)"
@@ -34,6 +34,11 @@ help:
 	@echo "make bundle DATASET=ds            one detector file (classifier + SAEC + ContraNet), checked on clean images"
 	@echo "make evaluate DATASET=ds          attacks x budgets -> Acc_detector / Acc_RC curves (PROFILE=quick: 3 x 3)"
 	@echo "make saec DATASET=ds              calibrate SAEC on uniform noise, then evaluate it against attacks"
+	@echo "make train-madry DATASET=ds       baseline: Madry PGD adversarial training of the classifier (PROFILE=cpu|paper)"
+	@echo "make train-magnet DATASET=ds      baseline: MagNet's autoencoder, then calibrate the baseline detectors"
+	@echo "make baselines DATASET=ds         calibrate Feature Squeezing and MagNet at 5 % clean rejection"
+	@echo "make compare DATASET=ds           MixDefense, Feature Squeezing, MagNet, Madry, undefended on the same curves"
+	@echo "make adaptive DATASET=ds          adaptive white-box attacks (PGD, full adaptive, Orthogonal PGD) + paper §6 case studies"
 	@echo "datasets: mnist cifar10 gtsrb; data root: \$$MIXDEFENSE_DATA (default ./data)"
 
 # A virtual environment with the package installed (editable) and its test extras.
@@ -93,6 +98,29 @@ evaluate: $(STAMP) data
 saec: $(STAMP) data
 	$(MD) saec calibrate --config experiments/$(DATASET)/saec.yaml
 	$(MD) saec evaluate --config experiments/$(DATASET)/saec.yaml
+
+# Baselines (issue 7): Madry adversarial training, MagNet's autoencoder, the calibrated detectors, and the
+# comparison run (experiments/<ds>/compare.yaml = the evaluate sweep with the baselines beside MixDefense).
+train-madry: $(STAMP) data
+	$(MD) fit --config experiments/$(DATASET)/madry$(SUFFIX).yaml $(ARGS)
+	$(MD) test --config experiments/$(DATASET)/madry$(SUFFIX).yaml $(ARGS) \
+		--ckpt_path checkpoints/$(DATASET)/madry$(SUFFIX)/best.ckpt
+
+train-magnet: $(STAMP) data
+	$(MD) fit --config experiments/$(DATASET)/magnet.yaml $(ARGS)
+	$(MAKE) baselines DATASET=$(DATASET)
+
+baselines: $(STAMP) data
+	$(MD) baselines calibrate --dataset $(DATASET)
+
+compare: $(STAMP) data
+	$(MD) test --config experiments/$(DATASET)/evaluate.yaml --config experiments/$(DATASET)/compare.yaml $(ARGS)
+
+# Adaptive attacks on the whole pipeline and the paper's §6 case studies -> results/$(DATASET)/adaptive/
+# (ADAPTIVE_ARGS="--num-images 100 --eps 0.1 0.3 --steps 10" for a quick run; `mixdefense adaptive --help`).
+ADAPTIVE_ARGS ?=
+adaptive: $(STAMP) data
+	$(MD) adaptive --dataset $(DATASET) $(ADAPTIVE_ARGS)
 
 # The main job: the shipped MNIST detector (SAEC + LeNet + ContraNet) against FGSM, PGD and C&W,
 # three budgets each, on 500 test images; table on screen, figures and example PNGs in results/mnist/mixdefense_quick/.

@@ -110,6 +110,13 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if translate < 0:
+            raise ValueError(f"translate must be >= 0 pixels, got {translate}")
+        for key, value in (("train_subset", train_subset), ("test_subset", test_subset)):
+            if value is not None and value < 1:
+                raise ValueError(f"{key} must be None (all images) or >= 1, got {value}")
         self.data_root = Path(data_root) if data_root else default_data_root()
         self.download = download
         self.batch_size = batch_size
@@ -138,6 +145,25 @@ class ImageDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------
+    def check_split(self, images: object, labels: object, split: str) -> None:
+        """Refuse a decoded split that is not ``uint8 [N ≥ 1, in_channels, image_size, image_size]``
+        with ``int64 [N]`` labels in ``[0, num_classes)`` (a corrupt or foreign dataset file)."""
+        where = f"{self.name} {split} split under {self.data_root}"
+        expected = f"uint8 [N, {self.in_channels}, {self.image_size}, {self.image_size}]"
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"{where}: expected images {expected}, got {got}")
+        if images.shape[0] == 0:
+            raise ValueError(f"{where}: no images")
+        if tuple(images.shape[1:]) != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(f"{where}: expected images {expected}, got {tuple(images.shape)}")
+        if not isinstance(labels, torch.Tensor) or labels.shape != (images.shape[0],) or torch.is_floating_point(labels):
+            got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"{where}: expected integer labels [{images.shape[0]}], got {got}")
+        if labels.min().item() < 0 or labels.max().item() >= self.num_classes:
+            raise ValueError(f"{where}: labels must lie in [0, {self.num_classes}), "
+                             f"got range [{labels.min().item()}, {labels.max().item()}]")
+
     def missing_files(self) -> list[Path]:
         return [p for p in self.expected_files() if not p.exists()]
 
@@ -173,6 +199,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.prepare_data()
         if stage in (None, "fit", "validate") and self.data_train is None:
             images, labels = self.load_split(train=True)
+            self.check_split(images, labels, "train")
             if self.train_subset:
                 images, labels = images[: self.train_subset], labels[: self.train_subset]
             n_val = int(round(len(labels) * self.val_fraction))
@@ -185,6 +212,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.data_val = ImageTensorDataset(images[val_idx], labels[val_idx])
         if stage in (None, "test", "predict") and self.data_test is None:
             images, labels = self.load_split(train=False)
+            self.check_split(images, labels, "test")
             if self.test_subset:
                 images, labels = images[: self.test_subset], labels[: self.test_subset]
             self.data_test = ImageTensorDataset(images, labels)

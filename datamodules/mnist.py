@@ -39,6 +39,8 @@ class MNISTDataModule(ImageDataModule):
 
     def __init__(self, *args, image_size: int = 28, **kwargs):
         super().__init__(*args, **kwargs)
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {image_size}")
         self.image_size = image_size
 
     def expected_files(self) -> list[Path]:

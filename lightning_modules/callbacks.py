@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from mixdefense.classifiers import save_classifier
+from mixdefense.magnet import save_autoencoder
 from mixdefense.nets import save_cgan, save_metric
 
 
@@ -143,9 +144,65 @@ class ExportCGAN(ExportBestSubmodule):
     save = staticmethod(save_cgan)
 
 
+class ExportAutoencoder(ExportBestSubmodule):
+    """Export MagNet's autoencoder (:func:`mixdefense.magnet.save_autoencoder`); the configs keep the
+    best checkpoint by ``val/mse``."""
+
+    attribute, what = "autoencoder", "MagNet autoencoder"
+    save = staticmethod(save_autoencoder)
+
+
 class ExportMetric(ExportBestSubmodule):
     """Export ContraNet's embedding net M (:func:`mixdefense.nets.save_metric`); the configs keep
     the best checkpoint by ``val/auroc``."""
 
     attribute, what = "metric", "metric model M"
     save = staticmethod(save_metric)
+
+
+def rng_state() -> dict:
+    """The states of the random generators a training step draws from (torch CPU and CUDA, NumPy,
+    Python's ``random``), as plain tensors, ints and tuples (a ``weights_only`` checkpoint holds them)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    """Put back what :func:`rng_state` recorded."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumableRNG:
+    """LightningModule mixin: every checkpoint carries the random generators' states, and resuming
+    from it restores them (single-process runs), so a run resumed from an end-of-epoch
+    ``last.ckpt`` draws the same shuffles, augmentations and dropout masks as an uninterrupted run
+    of the same seed, and ends with the same weights.  (From a mid-epoch checkpoint the rest of
+    that epoch is reshuffled: Lightning restarts a plain DataLoader's iterator.)"""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_state()
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        trainer = getattr(self, "_trainer", None)
+        if "rng_states" in checkpoint and (trainer is None or trainer.world_size == 1):
+            restore_rng(checkpoint["rng_states"])
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]

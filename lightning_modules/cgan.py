@@ -21,7 +21,9 @@ ignore ``y``; the class critic asks G to draw what ``y`` says.
 
 ``Dist = w_l2 · MSE + w_ssim · (1 − SSIM)`` (torchmetrics SSIM, data range 1).  ``adv_loss``:
 ``"hinge"`` (D: ``relu(1 − D(real)) + relu(1 + D(fake))``, G: ``−D(fake)``) or ``"bce"``
-(the paper's log-loss form).  A non-finite loss stops training with a clear error.
+(the paper's log-loss form).  A non-finite loss or gradient stops training with a clear error
+*before* the optimizer step, so the weights (and every checkpoint written so far, ``last.ckpt``
+included) stay finite: resume from the last good checkpoint.
 
 Validation logs the mean SSIM and MSE of true-label reconstructions (from ``μ``), the KL,
 and — with ``binding_classifier`` (a plain classifier file) — the *label binding*: the
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 import torchvision
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
+from lightning_modules.callbacks import ResumableRNG
 from mixdefense.classifiers import load_classifier
 from mixdefense.nets import Encoder, Generator, ProjectionDiscriminator, Reconstructor
 from mixdefense.reconstruction import figure8_grid, resize_for
@@ -58,7 +61,7 @@ def random_wrong_labels(y: torch.Tensor, num_classes: int, generator: torch.Gene
     return (y + shift) % num_classes
 
 
-class CGANModule(pl.LightningModule):
+class CGANModule(ResumableRNG, pl.LightningModule):
     """The revised cGAN (E, G, D) trained with Algorithm 1.  See the module docstring.
 
     Args:
@@ -138,16 +141,36 @@ class CGANModule(pl.LightningModule):
         amp = torch.rand(x.shape[0], 1, 1, 1, device=x.device) * self.hparams.encoder_noise_max
         return (x + use * amp * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
 
-    @staticmethod
-    def _check(name: str, loss: torch.Tensor) -> None:
+    def _diverged(self, what: str) -> FloatingPointError:
+        """The error that stops a diverged run: where, what, and which checkpoint is left."""
+        trainer = self._trainer
+        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") if trainer is not None else ""
+        kept = f"the last good checkpoint is kept: {ckpt}" if ckpt else "the last good checkpoint (if any) is kept"
+        return FloatingPointError(
+            f"cGAN training diverged at step {self.global_step} (epoch {self.current_epoch}): {what}; stopped before "
+            f"the optimizer step, so no non-finite weights were applied or saved; {kept}. Lower the learning "
+            "rates or w_adv and resume with --ckpt_path <that checkpoint>"
+        )
+
+    def _check(self, name: str, loss: torch.Tensor) -> None:
+        """Raise :meth:`_diverged` when the ``name`` network's loss is NaN or ±Inf."""
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"cGAN training diverged: {name} loss is {loss.item()}; the last good checkpoint is kept")
+            raise self._diverged(f"{name} loss is {loss.item()}")
+
+    def _check_gradients(self, name: str, opt) -> None:
+        """Raise :meth:`_diverged` when a gradient of ``opt``'s parameters is NaN or ±Inf (finite loss,
+        overflowing backward pass)."""
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            raise self._diverged(f"{name} gradient is NaN or Inf (finite loss)")
 
     def _descend(self, opt, loss: torch.Tensor, name: str) -> None:
-        """One checked gradient step of ``opt`` on ``loss``."""
+        """One checked gradient step of ``opt`` on ``loss``: a NaN/Inf loss or gradient stops training
+        before ``opt.step()`` (see :meth:`_diverged`)."""
         self._check(name, loss)
         opt.zero_grad()
         self.manual_backward(loss)
+        self._check_gradients(name, opt)
         opt.step()
 
     # -- Algorithm 1 ---------------------------------------------------------------------

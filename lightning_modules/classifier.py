@@ -9,10 +9,31 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from mixdefense.classifiers import Classifier
+from lightning_modules.callbacks import ResumableRNG
+from mixdefense.attacks import run_attack
+from mixdefense.classifiers import Classifier, load_classifier
+
+ADVERSARIAL_KEYS = {"eps", "alpha", "steps", "norm", "random_start"}
 
 
-class ClassifierModule(pl.LightningModule):
+def _check_adversarial(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validated PGD-training settings (defaults: L∞, random start) or ``None``."""
+    if not cfg:
+        return None
+    unknown = set(cfg) - ADVERSARIAL_KEYS
+    if unknown:
+        raise ValueError(f"adversarial: unknown keys {sorted(unknown)}; expected {sorted(ADVERSARIAL_KEYS)}")
+    out = {"norm": "linf", "random_start": True, **cfg}
+    if out["norm"] not in ("linf", "l2"):
+        raise ValueError(f"adversarial.norm must be 'linf' or 'l2', got {out['norm']!r}")
+    for key in ("eps", "alpha", "steps"):
+        if key not in out or not out[key] > 0:
+            raise ValueError(f"adversarial.{key} must be given and > 0 (got {out.get(key)!r})")
+    out["steps"] = int(out["steps"])
+    return out
+
+
+class ClassifierModule(ResumableRNG, pl.LightningModule):
     """Cross-entropy training of a :class:`~mixdefense.classifiers.Classifier`.
 
     Args:
@@ -26,6 +47,13 @@ class ClassifierModule(pl.LightningModule):
         warmup_fraction: share of the steps spent warming up (``onecycle`` only).
         label_smoothing: cross-entropy label smoothing.
         channels_last: use the channels-last memory format (faster convolutions on CPU).
+        adversarial: PGD adversarial training (Madry et al. 2018) when given:
+            ``{eps, alpha, steps, norm: linf|l2, random_start: true}`` (ε, α in [0, 1] pixel
+            units; L2 over the whole image).  Every training batch is replaced by its PGD AEs
+            against the current model (made in eval mode); validation logs the clean accuracy
+            and ``val/robust_acc`` under the same attack.
+        init_weights: start from a plain-weights classifier file (e.g. adversarial fine-tuning
+            of ``artifacts/<ds>/classifier.pt``); its configuration must match.
     """
 
     def __init__(
@@ -44,19 +72,28 @@ class ClassifierModule(pl.LightningModule):
         warmup_fraction: float = 0.15,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        adversarial: dict[str, Any] | None = None,
+        init_weights: str | None = None,
     ):
         super().__init__()
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
         if scheduler not in ("onecycle", "cosine", "none"):
             raise ValueError(f"scheduler must be 'onecycle', 'cosine' or 'none', got {scheduler!r}")
+        self.adversarial = _check_adversarial(adversarial)
         self.save_hyperparameters()
         self.model = Classifier(arch, num_classes, in_channels, image_size, dataset=dataset, arch_kwargs=arch_kwargs)
+        if init_weights:
+            start = load_classifier(init_weights)
+            if start.config != self.model.config:
+                raise ValueError(f"init_weights {init_weights}: its classifier config {start.config} differs from {self.model.config}")
+            self.model.load_state_dict(start.state_dict())
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_robust_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
@@ -72,11 +109,25 @@ class ClassifierModule(pl.LightningModule):
         self.log(f"{stage}/acc", metric, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
+    def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """PGD AEs of ``(x, y)`` against the current model (eval mode), with ``adversarial``'s settings."""
+        cfg = self.adversarial
+        with torch.inference_mode(False), torch.enable_grad():
+            return run_attack(f"pgd_{cfg['norm']}", self.model, x.clone(), y.clone(), cfg["eps"],
+                              steps=cfg["steps"], alpha=cfg["alpha"], random_start=cfg["random_start"])
+
     def training_step(self, batch, batch_idx):
+        if self.adversarial:
+            x, y = batch
+            batch = (self.attack(x, y), y)
         return self._step(batch, self.train_acc, "train")
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, self.val_acc, "val")
+        if self.adversarial:
+            x, y = batch
+            self.val_robust_acc.update(self(self.attack(x, y)).detach().float(), y)
+            self.log("val/robust_acc", self.val_robust_acc, prog_bar=True, on_step=False, on_epoch=True)
 
     def test_step(self, batch, batch_idx):
         self._step(batch, self.test_acc, "test")

@@ -25,6 +25,21 @@ successful AEs are marked dropped (paper: 100).  Written to ``report_dir``:
 ``evaluation.json``, ``points.csv``, ``acc_detector.png`` (Figure 5), ``acc_rc.png``
 (Figure 6), ``detection_rate.png``; the same table and curves go to W&B when it is a logger.
 
+Baselines (issue 7; ``baselines: {name: file}``, :mod:`mixdefense.baselines`): detector
+baselines (Feature Squeezing, MagNet) score the *same* AEs and clean originals as the bundle's
+layers, with their own output label (MagNet: the classifier's label on the reformed input);
+robust classifiers (Madry) are attacked white-box with the same attacks, budgets and test
+images (the images *they* classify correctly).  The undefended classifier is a defense that
+never rejects.  ``compare_acc_detector.png`` and ``compare_acc_rc.png`` put them on the same
+panels as the composite, like the paper's Figures 5 and 6.
+
+Resume and reproducibility: every test batch draws its random numbers from
+``torch.manual_seed(seed + batch index)`` (PGD's random start), so a batch's AEs do not depend
+on the batches before it; its rows are written (atomically) to ``report_dir/partial/`` as soon
+as it is done.  A killed run started again with the same config reuses those batches and
+computes only the rest; the folder is removed once the report is written (``resume: false``
+recomputes everything).
+
 Budgets in the config: L∞ ones in units of 1/255, L2 ones over the whole image in ``[0, 1]``
 pixel units.
 """
@@ -32,24 +47,36 @@ pixel units.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torchmetrics import CatMetric
+from tqdm.auto import tqdm
 
 from mixdefense.attacks import get_attack, perturbation_norm, run_attack, run_sweep
-from mixdefense.io import atomic_write_text
-from mixdefense.metrics import acc_detector, acc_robust_classifier, detection_auroc, tpr_at_fpr
+from mixdefense.baselines import load_baseline
+from mixdefense.io import atomic_torch_save, atomic_write_text
+from mixdefense.metrics import (
+    acc_detector,
+    acc_robust_classifier,
+    detection_auroc,
+    tpr_at_fpr,
+)
 from mixdefense.pipeline import load_detector
 from mixdefense.plots import budget_curves
 
 LINF_UNIT = 255.0
 COMPOSITE = "mixdefense"
+UNDEFENDED = "undefended"
+BASELINE_WIDTH = 7  # [point, baseline, success, adv_correct, norm, adv margin, clean margin]
 
 
 def _points(attacks: dict[str, dict]) -> list[dict]:
@@ -84,10 +111,15 @@ class MixDefenseEvaluation(pl.LightningModule):
         title: figure title prefix (e.g. the dataset).
         examples: save this many clean images and, per attack, successful AEs (at its largest
             budget) as PNG files under ``report_dir/examples/`` (from the first batch).
+        baselines: ``{name: file}`` of compared defenses (:func:`mixdefense.baselines.load_baseline`:
+            Feature Squeezing / MagNet files, or a robust classifier file such as ``madry.pt``).
+        seed: base of the per-batch seeds (batch ``i`` uses ``seed + i``).
+        resume: reuse the finished batches of a killed run with the same settings.
     """
 
     def __init__(self, bundle: str, attacks: dict[str, dict[str, Any]], min_successes: int = 100,
-                 report_dir: str = "results/mixdefense", title: str = "", examples: int = 0):
+                 report_dir: str = "results/mixdefense", title: str = "", examples: int = 0,
+                 baselines: dict[str, str] | None = None, seed: int = 0, resume: bool = True):
         super().__init__()
         if not Path(bundle).exists():
             raise FileNotFoundError(f"detector bundle not found: {bundle} (make it with `mixdefense bundle --dataset ...`)")
@@ -95,50 +127,139 @@ class MixDefenseEvaluation(pl.LightningModule):
         self.detector = load_detector(bundle).requires_grad_(False)
         self.points = _points(attacks)
         self.num_layers = len(self.detector.layers)
+        reserved = {*self.detector.layer_names, COMPOSITE, UNDEFENDED}
+        clash = reserved & set(baselines or {})
+        if clash:
+            raise ValueError(f"baseline names {sorted(clash)} clash with the bundle's defenses {sorted(reserved)}")
+        self.baselines = [load_baseline(n, f, self.detector.classifier) for n, f in (baselines or {}).items()]
+        for b in self.baselines:
+            if b.attack_model is not None:
+                b.attack_model.requires_grad_(False)
         self.ae_rows = CatMetric(nan_strategy="disable")  # [point, success, adv_correct, norm, adv margins (L), clean margins (L)]
         self.clean_rows = CatMetric(nan_strategy="disable")  # [correct, margins (L)]
+        self.baseline_rows = CatMetric(nan_strategy="disable")  # BASELINE_WIDTH columns
+        self.baseline_clean_rows = CatMetric(nan_strategy="disable")  # [baseline, correct, margin]
 
     def _attack_kwargs(self, name: str) -> dict:
         return {k: v for k, v in self.hparams.attacks[name].items() if k not in ("budgets", "bins")}
 
     def test_step(self, batch, batch_idx):
         x, y = batch
+        partial = self._partial_path(batch_idx)
+        if self.hparams.resume and partial.exists():
+            done = torch.load(partial, map_location="cpu", weights_only=True)
+            if done.get("signature") == self._signature():
+                for key, metric in self._metrics().items():
+                    if done[key].numel():
+                        metric.update(done[key].to(self.device))
+                return
+        torch.manual_seed(self.hparams.seed + batch_idx)
+        rows: dict[str, list[torch.Tensor]] = {key: [] for key in self._metrics()}
+        self._attack_batch(x, y, batch_idx, rows)
+        for b, baseline in enumerate(self.baselines):
+            if baseline.attack_model is not None:
+                self._attack_robust(b, baseline, x, y, rows)
+        tables = {k: torch.cat(v).detach() if v else torch.empty(0) for k, v in rows.items()}
+        for key, metric in self._metrics().items():
+            if tables[key].numel():
+                metric.update(tables[key])
+        atomic_torch_save({"signature": self._signature(), **{k: t.cpu() for k, t in tables.items()}}, partial)
+
+    def _metrics(self) -> dict[str, CatMetric]:
+        return {"ae": self.ae_rows, "clean": self.clean_rows, "baseline": self.baseline_rows, "baseline_clean": self.baseline_clean_rows}
+
+    def _signature(self) -> str:
+        """What a batch's rows depend on (settings, bundle and baseline files): stale partial rows are not reused."""
+        h = hashlib.sha256(json.dumps({k: self.hparams[k] for k in ("bundle", "attacks", "baselines", "seed")},
+                                      sort_keys=True, default=str).encode())
+        for f in [self.hparams.bundle, *(self.hparams.baselines or {}).values()]:
+            h.update(str(Path(f).stat().st_mtime_ns).encode())
+        return h.hexdigest()
+
+    def _partial_path(self, batch_idx: int) -> Path:
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return Path(self.hparams.report_dir) / "partial" / f"rank{rank}of{world}_batch{batch_idx:05d}.pt"
+
+    def _attack_progress(self, names, desc: str):
+        quiet = not self.trainer.is_global_zero or self.trainer.progress_bar_callback is None
+        return tqdm(names, desc=desc, leave=False, disable=quiet)
+
+    def _attack_batch(self, x, y, batch_idx, rows):
+        """The bundle's classifier attacked; every layer and detector baseline scores the AEs."""
         clf = self.detector.classifier
         labels, margins = self.detector.layer_table(x)
-        self.clean_rows.update(torch.cat([(labels == y).float()[:, None], margins.T.float()], 1))
+        rows["clean"].append(torch.cat([(labels == y).float()[:, None], margins.T.float()], 1))
+        detectors = [(b, d) for b, d in enumerate(self.baselines) if d.attack_model is None]
+        for b, det in detectors:
+            b_labels, b_margin = det.labels_and_margins(x)
+            rows["baseline_clean"].append(torch.stack([torch.full_like(b_margin, b), (b_labels == y).float(), b_margin.float()], 1))
         ok = labels == y
         if not ok.any():
             return
         xa, ya, clean_m = x[ok], y[ok], margins[:, ok]
+        clean_b = {b: det.labels_and_margins(xa)[1] for b, det in detectors}
         save_examples = batch_idx == 0 and self.hparams.examples > 0 and self.trainer.is_global_zero
         if save_examples:
             self._save_pngs(xa[: self.hparams.examples], "clean")
-        for name in self.hparams.attacks:
+        for name in self._attack_progress(self.hparams.attacks, f"batch {batch_idx}: attacks"):
             ids = [i for i, p in enumerate(self.points) if p["attack"] == name]
-            with torch.inference_mode(False), torch.enable_grad():
-                xs, ys = xa.clone(), ya.clone()  # normal tensors: the attacks need autograd
-                if get_attack(name).budgeted:
-                    advs = run_sweep(name, clf, xs, ys, [self.points[i]["eps"] for i in ids], **self._attack_kwargs(name))
-                else:
-                    advs = [run_attack(name, clf, xs, ys, **self._attack_kwargs(name))]
+            advs = self._make_aes(name, clf, xa, ya, ids)
             for k, adv in enumerate(advs):
                 adv_labels, adv_m = self.detector.layer_table(adv)
-                base = [(adv_labels != ya).float(), (adv_labels == ya).float()]
+                success, correct = (adv_labels != ya).float(), (adv_labels == ya).float()
                 if save_examples and k == len(advs) - 1:
                     self._save_pngs(adv[adv_labels != ya][: self.hparams.examples], name)
-                if get_attack(name).budgeted:
-                    i = ids[k]
-                    norm = perturbation_norm(adv, xa, self.points[i]["norm"])
-                    self._add_rows(torch.full_like(norm, float(i)), base, norm, adv_m, clean_m)
-                    continue
-                for norm_name in dict.fromkeys(self.points[i]["norm"] for i in ids):
-                    bin_ids = [i for i in ids if self.points[i]["norm"] == norm_name]
-                    edges = torch.tensor([self.points[i]["eps"] for i in bin_ids], device=adv.device)
-                    norm = perturbation_norm(adv, xa, norm_name)
-                    which = torch.searchsorted(edges, norm, side="left")  # first edge >= norm
-                    keep = which < len(bin_ids)
-                    point = torch.tensor(bin_ids, device=adv.device, dtype=torch.float)[which.clamp_max(len(bin_ids) - 1)]
-                    self._add_rows(point[keep], [b[keep] for b in base], norm[keep], adv_m[:, keep], clean_m[:, keep])
+                for point, keep, norm in self._assign_points(name, ids, k, adv, xa):
+                    rows["ae"].append(torch.cat([point[:, None], success[keep, None], correct[keep, None], norm[:, None],
+                                                 adv_m[:, keep].T.float(), clean_m[:, keep].T.float()], 1))
+                    for b, det in detectors:
+                        b_labels, b_margin = det.labels_and_margins(adv[keep])
+                        rows["baseline"].append(_baseline_table(point, b, success[keep], (b_labels == ya[keep]).float(), norm,
+                                                                b_margin, clean_b[b][keep]))
+
+    def _attack_robust(self, b: int, baseline, x, y, rows):
+        """A robust classifier attacked white-box on the test images it gets right (Acc_RC only)."""
+        model = baseline.attack_model
+        labels, _ = baseline.labels_and_margins(x)
+        zeros = torch.zeros_like(labels, dtype=torch.float)
+        rows["baseline_clean"].append(torch.stack([zeros + b, (labels == y).float(), zeros], 1))
+        ok = labels == y
+        if not ok.any():
+            return
+        xa, ya = x[ok], y[ok]
+        for name in self._attack_progress(self.hparams.attacks, f"{baseline.name}: attacks"):
+            ids = [i for i, p in enumerate(self.points) if p["attack"] == name]
+            for k, adv in enumerate(self._make_aes(name, model, xa, ya, ids)):
+                adv_labels, _ = baseline.labels_and_margins(adv)
+                success, correct = (adv_labels != ya).float(), (adv_labels == ya).float()
+                for point, keep, norm in self._assign_points(name, ids, k, adv, xa):
+                    z = torch.zeros_like(norm)
+                    rows["baseline"].append(_baseline_table(point, b, success[keep], correct[keep], norm, z, z))
+
+    def _make_aes(self, name, model, xa, ya, ids) -> list[torch.Tensor]:
+        with torch.inference_mode(False), torch.enable_grad():
+            xs, ys = xa.clone(), ya.clone()  # normal tensors: the attacks need autograd
+            if get_attack(name).budgeted:
+                return run_sweep(name, model, xs, ys, [self.points[i]["eps"] for i in ids], **self._attack_kwargs(name))
+            return [run_attack(name, model, xs, ys, **self._attack_kwargs(name))]
+
+    def _assign_points(self, name, ids, k, adv, xa):
+        """``(point ids [n], kept mask [B], norms [n])`` of the ``k``-th AE batch of attack ``name``:
+        budgeted attacks give one point per batch; binned ones one per norm (first edge ≥ the norm)."""
+        if get_attack(name).budgeted:
+            i = ids[k]
+            norm = perturbation_norm(adv, xa, self.points[i]["norm"])
+            yield torch.full_like(norm, float(i)), torch.ones_like(norm, dtype=torch.bool), norm
+            return
+        for norm_name in dict.fromkeys(self.points[i]["norm"] for i in ids):
+            bin_ids = [i for i in ids if self.points[i]["norm"] == norm_name]
+            edges = torch.tensor([self.points[i]["eps"] for i in bin_ids], device=adv.device)
+            norm = perturbation_norm(adv, xa, norm_name)
+            which = torch.searchsorted(edges, norm, side="left")  # first edge >= norm
+            keep = which < len(bin_ids)
+            point = torch.tensor(bin_ids, device=adv.device, dtype=torch.float)[which.clamp_max(len(bin_ids) - 1)]
+            if keep.any():
+                yield point[keep], keep, norm[keep]
 
     def _save_pngs(self, images: torch.Tensor, folder: str) -> None:
         import torchvision
@@ -148,26 +269,30 @@ class MixDefenseEvaluation(pl.LightningModule):
         for i, img in enumerate(images):
             torchvision.utils.save_image(img, out / f"{i:02d}.png")
 
-    def _add_rows(self, point, base, norm, adv_m, clean_m):
-        if point.numel():
-            self.ae_rows.update(torch.cat([point[:, None], *[b[:, None] for b in base], norm[:, None],
-                                           adv_m.T.float(), clean_m.T.float()], 1))
-
     def on_test_epoch_end(self):
         ae = _as_table(self.ae_rows, 4 + 2 * self.num_layers)
         clean = _as_table(self.clean_rows, 1 + self.num_layers)
-        self.ae_rows.reset()
-        self.clean_rows.reset()
-        result = summarize(ae, clean, self.points, self.detector.layer_names, self.hparams.min_successes)
+        base = _as_table(self.baseline_rows, BASELINE_WIDTH)
+        base_clean = _as_table(self.baseline_clean_rows, 3)
+        for metric in self._metrics().values():
+            metric.reset()
+        result = summarize(ae, clean, self.points, self.detector.layer_names, self.hparams.min_successes,
+                           baselines=[b.name for b in self.baselines], baseline_rows=base, baseline_clean=base_clean,
+                           robust=[b.name for b in self.baselines if b.attack_model is not None])
         result["bundle"] = self.hparams.bundle
+        result["baseline_files"] = dict(self.hparams.baselines or {})
         self.log_dict({"clean/accuracy": result["clean"]["accuracy_classifier"],
                        "clean/accuracy_with_defense": result["clean"]["accuracy_with_defense"]}, sync_dist=False)
         if self.trainer.is_global_zero:
             write_report(result, Path(self.hparams.report_dir), self.hparams.title)
             self._log_wandb(result)
             print(format_table(result))
+            if self.baselines:
+                print("\n" + comparison_table(result))
             print(f"wrote {self.hparams.report_dir}/evaluation.json, points.csv, acc_detector.png, acc_rc.png, "
-                  "detection_rate.png")
+                  "detection_rate.png" + (", compare_acc_detector.png, compare_acc_rc.png" if self.baselines else ""))
+            # every process wrote its batches before the rows were gathered: the run is complete
+            shutil.rmtree(Path(self.hparams.report_dir) / "partial", ignore_errors=True)
 
     def _log_wandb(self, result: dict) -> None:
         for logger in self.loggers:
@@ -197,13 +322,49 @@ def _as_table(metric: CatMetric, width: int) -> torch.Tensor:
         t = metric.compute()
     except Exception:  # nothing was updated (CatMetric warns / raises on an empty state)
         return torch.empty(0, width)
+    if not torch.is_tensor(t):  # never updated: an empty list
+        return torch.empty(0, width)
     t = t.detach().cpu().float()
     return t.view(-1, width) if t.numel() else torch.empty(0, width)
 
 
+def _baseline_table(point, b, success, correct, norm, adv_margin, clean_margin) -> torch.Tensor:
+    """Rows ``[n, BASELINE_WIDTH]`` of one compared defense on ``n`` AEs."""
+    return torch.stack([point, torch.full_like(point, float(b)), success, correct, norm,
+                        adv_margin.float(), clean_margin.float()], 1)
+
+
+def _point_row(p: dict, defense: str, success, correct_adv, norm, adv_score, clean_score, min_successes: int,
+               kept_by_aes: bool = False) -> dict:
+    """Every metric of one defense at one point; scores are margins (``> 1``: rejected)."""
+    n, n_succ = len(success), int(success.sum())
+    adv_rej, clean_rej = adv_score > 1, clean_score > 1
+    r = {"attack": p["attack"], "norm": p["norm"], "eps": p["eps"], "binned": p["binned"], "defense": defense,
+         "num_aes": n, "num_successful": n_succ, "attack_success_rate": n_succ / n if n else math.nan,
+         "kept": (n if kept_by_aes else n_succ) >= min_successes, "detection_rate": math.nan, "clean_rejection_rate": math.nan,
+         "acc_detector": math.nan, "acc_rc": acc_robust_classifier(adv_rej, correct_adv) if n else math.nan,
+         "auroc": math.nan, "tpr_at_5fpr": math.nan, "mean_norm": float(norm[success].mean()) if n_succ else math.nan}
+    if n_succ:
+        s = success
+        r.update(detection_rate=float(adv_rej[s].float().mean()), clean_rejection_rate=float(clean_rej[s].float().mean()),
+                 acc_detector=acc_detector(clean_rej[s], adv_rej[s]),
+                 auroc=detection_auroc(clean_score[s], adv_score[s]),
+                 tpr_at_5fpr=tpr_at_fpr(clean_score[s], adv_score[s], 0.05))
+    return r
+
+
 def summarize(ae: torch.Tensor, clean: torch.Tensor, points: list[dict], layer_names: list[str],
-              min_successes: int) -> dict:
-    """Every metric from the gathered rows (see :class:`MixDefenseEvaluation`)."""
+              min_successes: int, baselines: list[str] | None = None, baseline_rows: torch.Tensor | None = None,
+              baseline_clean: torch.Tensor | None = None, robust: Sequence[str] = ()) -> dict:
+    """Every metric from the gathered rows (see :class:`MixDefenseEvaluation`).
+
+    Defenses: each bundle layer alone, the composite (``mixdefense``), the undefended classifier
+    (never rejects; Acc_RC = share of AEs still classified right) and each baseline (``robust``:
+    the names of robust classifiers, attacked on their own).  A robust classifier's points are
+    kept when it was attacked on ≥ ``min_successes`` images (its successes are few by design);
+    every other point needs ``min_successes`` successful AEs.
+    """
+    baselines = baselines or []
     n_layers = len(layer_names)
     defenses = {name: [i] for i, name in enumerate(layer_names)}
     defenses[COMPOSITE] = list(range(n_layers))
@@ -213,33 +374,36 @@ def summarize(ae: torch.Tensor, clean: torch.Tensor, points: list[dict], layer_n
     clean_summary["accuracy_with_defense"] = float((correct & ~rejected_all).float().mean()) if len(clean) else math.nan
     clean_summary["false_rejection"] = {d: float((clean_m[:, idx] > 1).any(1).float().mean()) if len(clean) else math.nan
                                         for d, idx in defenses.items()}
+    bc = baseline_clean if baseline_clean is not None else torch.empty(0, 3)
+    bl = baseline_rows if baseline_rows is not None else torch.empty(0, BASELINE_WIDTH)
+    clean_summary["baselines"] = {}
+    for b, name in enumerate(baselines):
+        sel = bc[bc[:, 0] == b]
+        ok, rej = sel[:, 1].bool(), sel[:, 2] > 1
+        clean_summary["baselines"][name] = {
+            "images": len(sel), "accuracy": float((ok & ~rej).float().mean()) if len(sel) else math.nan,
+            "false_rejection": float(rej.float().mean()) if len(sel) else math.nan}
     rows = []
     for pid, p in enumerate(points):
         sel = ae[ae[:, 0] == pid] if len(ae) else ae
         success, correct_adv, norm = sel[:, 1].bool(), sel[:, 2].bool(), sel[:, 3]
         adv_m, cl_m = sel[:, 4:4 + n_layers], sel[:, 4 + n_layers:]
-        n, n_succ = len(sel), int(success.sum())
         for d, idx in defenses.items():
-            adv_score, clean_score = adv_m[:, idx].amax(1), cl_m[:, idx].amax(1)
-            adv_rej, clean_rej = adv_score > 1, clean_score > 1
-            r = {"attack": p["attack"], "norm": p["norm"], "eps": p["eps"], "binned": p["binned"], "defense": d,
-                 "num_aes": n, "num_successful": n_succ, "attack_success_rate": n_succ / n if n else math.nan,
-                 "kept": n_succ >= min_successes, "detection_rate": math.nan, "clean_rejection_rate": math.nan,
-                 "acc_detector": math.nan, "acc_rc": acc_robust_classifier(adv_rej, correct_adv) if n else math.nan,
-                 "auroc": math.nan, "tpr_at_5fpr": math.nan,
-                 "mean_norm": float(norm[success].mean()) if n_succ else math.nan}
-            if n_succ:
+            r = _point_row(p, d, success, correct_adv, norm, adv_m[:, idx].amax(1), cl_m[:, idx].amax(1), min_successes)
+            if d == COMPOSITE and r["num_successful"]:
                 s = success
-                r.update(detection_rate=float(adv_rej[s].float().mean()), clean_rejection_rate=float(clean_rej[s].float().mean()),
-                         acc_detector=acc_detector(clean_rej[s], adv_rej[s]),
-                         auroc=detection_auroc(clean_score[s], adv_score[s]),
-                         tpr_at_5fpr=tpr_at_fpr(clean_score[s], adv_score[s], 0.05))
-                if d == COMPOSITE:
-                    first = torch.where((adv_m[s] > 1).any(1), (adv_m[s] > 1).int().argmax(1), torch.full((n_succ,), -1))
-                    for i, name in enumerate(layer_names):
-                        r[f"caught_by_{name}"] = float((first == i).float().mean())
+                first = torch.where((adv_m[s] > 1).any(1), (adv_m[s] > 1).int().argmax(1), torch.full((int(s.sum()),), -1))
+                for i, name in enumerate(layer_names):
+                    r[f"caught_by_{name}"] = float((first == i).float().mean())
             rows.append(r)
-    return {"clean": clean_summary, "layers": layer_names, "min_successes": min_successes, "points": rows}
+        never = torch.zeros(len(sel))
+        rows.append(_point_row(p, UNDEFENDED, success, correct_adv, norm, never, never, min_successes))
+        for b, name in enumerate(baselines):
+            bs = bl[(bl[:, 0] == pid) & (bl[:, 1] == b)] if len(bl) else bl
+            rows.append(_point_row(p, name, bs[:, 2].bool(), bs[:, 3].bool(), bs[:, 4], bs[:, 5], bs[:, 6], min_successes,
+                                   kept_by_aes=name in robust))
+    return {"clean": clean_summary, "layers": layer_names, "baselines": baselines, "robust": list(robust),
+            "min_successes": min_successes, "points": rows}
 
 
 def format_table(result: dict) -> str:
@@ -265,8 +429,36 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_table(result: dict) -> str:
+    """Markdown: mean Acc_detector and Acc_RC over each attack's kept budget points, per compared defense.
+
+    Compared defenses: the composite, the detector baselines, the robust classifiers and the
+    undefended classifier (means over the points each one keeps; ``n`` = how many)."""
+    names = [COMPOSITE, *result.get("baselines", []), UNDEFENDED]
+    attacks = list(dict.fromkeys((r["attack"], r["norm"], r["binned"]) for r in result["points"]))
+    head = "| attack | " + " | ".join(f"{n} Acc_det / Acc_RC" for n in names) + " |"
+    lines = [head, "|" + "---|" * (len(names) + 1)]
+    for attack, norm, binned in attacks:
+        cells = []
+        for n in names:
+            pts = [r for r in result["points"] if (r["attack"], r["norm"], r["binned"], r["defense"]) == (attack, norm, binned, n)
+                   and r["kept"]]
+            det = [r["acc_detector"] for r in pts if r["acc_detector"] == r["acc_detector"]]
+            rc = [r["acc_rc"] for r in pts if r["acc_rc"] == r["acc_rc"]]
+            fmt = lambda v: f"{100 * sum(v) / len(v):.1f}" if v else "—"  # noqa: E731
+            cells.append(f"{fmt(det)} / {fmt(rc)} (n={len(pts)})")
+        label = f"{attack} ({norm}, binned)" if binned else attack
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    c = result["clean"]
+    acc = {COMPOSITE: c["accuracy_with_defense"], UNDEFENDED: c["accuracy_classifier"],
+           **{n: v["accuracy"] for n, v in c.get("baselines", {}).items()}}
+    lines.append("| clean accuracy (rejections count as errors) | " + " | ".join(
+        f"{100 * acc[n]:.2f} %" if acc.get(n) == acc.get(n) and n in acc else "—" for n in names) + " |")
+    return "\n".join(lines)
+
+
 def write_report(result: dict, out: Path, title: str = "") -> None:
-    """``evaluation.json``, ``points.csv`` and the Figure-5/6-style PNGs."""
+    """``evaluation.json``, ``points.csv``, the Figure-5/6-style PNGs and, with baselines, the comparison."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "evaluation.json", json.dumps(result, indent=1) + "\n")
     rows = result["points"]
@@ -279,5 +471,12 @@ def write_report(result: dict, out: Path, title: str = "") -> None:
     w.writerows(rows)
     atomic_write_text(out / "points.csv", buf.getvalue())
     curve_rows = [{**r, "attack": f"{r['attack']} ({r['norm']})" if r["binned"] else r["attack"]} for r in rows]
+    bundle_rows = [r for r in curve_rows if r["defense"] in (*result["layers"], COMPOSITE)]
     for metric in ("acc_detector", "acc_rc", "detection_rate"):
-        budget_curves(curve_rows, out / f"{metric}.png", metrics=(metric,), title=f"{title} {metric}".strip())
+        budget_curves(bundle_rows, out / f"{metric}.png", metrics=(metric,), title=f"{title} {metric}".strip())
+    if result.get("baselines"):
+        compared = [r for r in curve_rows if r["defense"] not in result["layers"]]
+        detectors = [r for r in compared if r["defense"] not in (*result.get("robust", []), UNDEFENDED)]
+        budget_curves(detectors, out / "compare_acc_detector.png", metrics=("acc_detector",), title=f"{title} Acc_detector".strip())
+        budget_curves(compared, out / "compare_acc_rc.png", metrics=("acc_rc",), title=f"{title} Acc_RC".strip())
+        atomic_write_text(out / "comparison.md", comparison_table(result) + "\n")

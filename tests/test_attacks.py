@@ -55,10 +55,33 @@ def test_run_sweep_keeps_the_models_mode(model, batch):
 
 
 def test_unbudgeted_and_unknown_attacks():
-    assert not ATTACKS["cw"].budgeted and not ATTACKS["deepfool"].budgeted
+    assert not ATTACKS["cw"].budgeted and not ATTACKS["deepfool"].budgeted and not ATTACKS["deepfool_linf"].budgeted
     with pytest.raises(ValueError, match="unknown attack"):
         run_attack("jsma", None, None, None, 0.1)
     with pytest.raises(ValueError, match="needs a budget"):
         run_attack("fgsm", None, None, None, None)
     with pytest.raises(ValueError, match="norm"):
         perturbation_norm(torch.zeros(1, 3), torch.zeros(1, 3), "l1")
+
+
+def test_batched_deepfool_takes_torchattacks_deepfool_steps(model, batch):
+    """The batched L2 DeepFool equals torchattacks' per-image loop (same linearisation, same update)."""
+    import torchattacks
+
+    x, y = batch
+    y = model(x).argmax(1)  # start from correctly classified inputs
+    ref = torchattacks.DeepFool(model, steps=20, overshoot=0.02)(x, y)
+    ours = run_attack("deepfool", model, x, y, steps=20, overshoot=0.02)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert (model(ours).argmax(1) != y).all()
+
+
+def test_deepfool_linf_steps_are_sign_steps_and_fool(model, batch):
+    x, y = batch
+    y = model(x).argmax(1)
+    adv = run_attack("deepfool_linf", model, x, y, steps=50)
+    assert ATTACKS["deepfool_linf"].norm == "linf" and not ATTACKS["deepfool_linf"].budgeted
+    assert (model(adv).argmax(1) != y).all() and adv.min() >= 0 and adv.max() <= 1
+    # one L∞ step moves (almost) every pixel by the same amount: the L∞ norm is far below the L2-step's
+    l2_adv = run_attack("deepfool", model, x, y, steps=50)
+    assert perturbation_norm(adv, x, "linf").median() < perturbation_norm(l2_adv, x, "linf").median()

@@ -84,8 +84,8 @@ def test_evaluation_writes_the_report_and_the_composite_catches_at_least_each_la
     result = json.loads((tmp_path / "report/evaluation.json").read_text())
     assert len(list((tmp_path / "report/examples/clean").glob("*.png"))) == 3
     assert "Acc_det" in capsys.readouterr().out
-    assert {r["defense"] for r in result["points"]} == {"saec", "contranet", "mixdefense"}
-    assert len(result["points"]) == 3 * (2 + 2)  # 3 defenses × (2 FGSM budgets + 2 C&W bins)
+    assert {r["defense"] for r in result["points"]} == {"saec", "contranet", "mixdefense", "undefended"}
+    assert len(result["points"]) == 4 * (2 + 2)  # 4 defenses × (2 FGSM budgets + 2 C&W bins)
     by = {(r["attack"], r["eps"], r["defense"]): r for r in result["points"]}
     for (attack, eps, d), r in by.items():
         if d == "mixdefense" and r["num_successful"]:
@@ -95,6 +95,86 @@ def test_evaluation_writes_the_report_and_the_composite_catches_at_least_each_la
     assert result["clean"]["images"] == 40 and 0.9 <= result["clean"]["accuracy_classifier"] <= 1
     for name in ("points.csv", "acc_detector.png", "acc_rc.png", "detection_rate.png"):
         assert (tmp_path / "report" / name).is_file()
+    assert not (tmp_path / "report/partial").exists()  # a finished run leaves no partial rows
+    undefended = {(r["attack"], r["eps"]): r for r in result["points"] if r["defense"] == "undefended"}
+    for r in (r for r in undefended.values() if r["num_aes"]):  # never rejects: Acc_RC = 1 − attack success
+        assert r["acc_rc"] == pytest.approx(1 - r["attack_success_rate"])
+        if r["num_successful"]:
+            assert r["detection_rate"] == 0.0
+
+
+def test_baselines_on_the_same_curves(mnist_bundle, tmp_path, data_root, monkeypatch, capsys):
+    """Feature Squeezing and MagNet score the bundle's AEs; a robust classifier is attacked on its own.
+
+    The 'robust classifier' here is the bundle's own LeNet: attacked with the same deterministic
+    FGSM on the same images it must give exactly the undefended classifier's Acc_RC."""
+    from mixdefense.magnet import MagNet, MagNetAutoencoder, save_magnet
+    from mixdefense.squeezing import FeatureSqueezing, save_squeezing
+
+    monkeypatch.chdir(tmp_path)
+    clf = load_classifier(REPO / "artifacts/mnist/classifier.pt")
+    x, _ = load_images("mnist", "val", 200, data_root=str(data_root))
+    fs = FeatureSqueezing(["bits:1", "median:2"], clf)
+    fs.calibrate(x, 0.05)
+    save_squeezing(fs, tmp_path / "fs.pt")
+    magnet = MagNet(MagNetAutoencoder(1), ["l1", "jsd:10"], clf)
+    magnet.calibrate(x, 0.05)
+    save_magnet(magnet, tmp_path / "magnet.pt")
+    baselines = f"{{fs: {tmp_path / 'fs.pt'}, magnet: {tmp_path / 'magnet.pt'}, same_lenet: {REPO / 'artifacts/mnist/classifier.pt'}}}"
+    args = _test_args(mnist_bundle, tmp_path / "report", data_root) + [f"--model.init_args.baselines={baselines}",
+                                                                       "--model.init_args.attacks={fgsm: {budgets: [16, 64]}}"]
+    assert main(args) == 0
+    result = json.loads((tmp_path / "report/evaluation.json").read_text())
+    assert "fs Acc_det" in capsys.readouterr().out
+    by = {(r["eps"], r["defense"]): r for r in result["points"]}
+    for eps in {r["eps"] for r in result["points"]}:
+        assert by[(eps, "same_lenet")]["acc_rc"] == pytest.approx(by[(eps, "undefended")]["acc_rc"])
+        assert by[(eps, "same_lenet")]["num_aes"] == by[(eps, "undefended")]["num_aes"]
+        for d in ("fs", "magnet"):
+            assert by[(eps, d)]["num_successful"] == by[(eps, "mixdefense")]["num_successful"]  # the same AEs
+            assert 0 <= by[(eps, d)]["acc_rc"] <= 1
+    base = result["clean"]["baselines"]
+    assert base["same_lenet"]["accuracy"] == pytest.approx(result["clean"]["accuracy_classifier"])
+    assert 0 <= base["fs"]["false_rejection"] <= 0.25  # calibrated at 5 % on validation images; 40 test images
+    for name in ("compare_acc_detector.png", "compare_acc_rc.png", "comparison.md"):
+        assert (tmp_path / "report" / name).is_file()
+    assert "same_lenet Acc_det / Acc_RC" in (tmp_path / "report/comparison.md").read_text()
+
+
+def test_a_killed_sweep_resumes_from_the_batches_already_done(mnist_bundle, tmp_path, data_root, monkeypatch):
+    """Kill after 2 of 4 batches; the rerun computes only the 2 missing ones and ends at the same numbers."""
+    from lightning_modules.evaluation import MixDefenseEvaluation
+
+    monkeypatch.chdir(tmp_path)
+    attacks = ["--model.init_args.attacks={pgd_linf: {budgets: [32, 64], steps: 3}}"]  # random start: seeds matter
+    assert main(_test_args(mnist_bundle, tmp_path / "full", data_root) + attacks) == 0
+    full = json.loads((tmp_path / "full/evaluation.json").read_text())
+
+    computed = []
+    original = MixDefenseEvaluation._attack_batch
+
+    def killed_at_batch_2(self, x, y, batch_idx, rows):
+        if batch_idx == 2 and not computed.count("killed"):
+            computed.append("killed")
+            raise KeyboardInterrupt  # Lightning's SIGTERM/Ctrl-C path: the run stops here
+        computed.append(batch_idx)
+        return original(self, x, y, batch_idx, rows)
+
+    monkeypatch.setattr(MixDefenseEvaluation, "_attack_batch", killed_at_batch_2)
+    out = tmp_path / "resumed"
+    try:
+        main(_test_args(mnist_bundle, out, data_root) + attacks)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    assert len(list((out / "partial").glob("*.pt"))) == 2 and not (out / "evaluation.json").exists()
+    computed.clear()
+    computed.append("killed")  # no second kill
+    assert main(_test_args(mnist_bundle, out, data_root) + attacks) == 0
+    assert computed == ["killed", 2, 3]
+    resumed = json.loads((out / "evaluation.json").read_text())
+    assert resumed["clean"] == full["clean"]
+    for a, b in zip(full["points"], resumed["points"]):
+        assert a == pytest.approx(b, nan_ok=True)
 
 
 def test_ddp_on_two_cpu_processes_gives_the_same_metrics(mnist_bundle, tmp_path, data_root):

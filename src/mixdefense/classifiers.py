@@ -208,6 +208,7 @@ class Classifier(nn.Module):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         """Predicted labels ``[B]`` (argmax of the logits), in eval mode, batched."""
+        self.check_input(x)
         was_training = self.training
         self.eval()
         try:

@@ -34,6 +34,8 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
 
     if dataset not in DATAMODULES:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATAMODULES)}")
+    if n is not None and n < 1:
+        raise ValueError(f"n must be None (all images) or >= 1, got {n}")
     dm = DATAMODULES[dataset](data_root=data_root, val_fraction=0.1 if split == "val" else 0.0,
                               **({"image_size": image_size} if image_size else {}))
     if split == "val":
@@ -68,6 +70,18 @@ def _contranet(argv: list[str]) -> int:
     from mixdefense import contranet_report
 
     return contranet_report.main(argv, load_images=load_images)
+
+
+def _adaptive(argv: list[str]) -> int:
+    from mixdefense import adaptive_report
+
+    return adaptive_report.main(argv, load_images=load_images)
+
+
+def _baselines(argv: list[str]) -> int:
+    from mixdefense import baselines_report
+
+    return baselines_report.main(argv, load_images=load_images)
 
 
 def _bundle(argv: list[str]) -> int:
@@ -121,7 +135,9 @@ def _detect(argv: list[str]) -> int:
 
 def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
     return {
+        "adaptive": (_adaptive, "adaptive white-box attacks on the whole pipeline (PGD, full adaptive, Orthogonal PGD) and the paper's §6 case studies"),
         "detect": (_detect, "run a detector bundle on image files / folders / .pt tensors: label, accepted or rejected by which layer"),
+        "baselines": (_baselines, "calibrate the baseline detectors (Feature Squeezing, MagNet) on clean validation images"),
         "bundle": (_bundle, "assemble the detector bundle (classifier + SAEC + ContraNet) and check it on clean images"),
         "cgan": (_cgan, "evaluate a trained cGAN: faithfulness (SSIM) and label binding, Figure-8 grid"),
         "contranet": (_contranet, "calibrate the ContraNet detector (cGAN + metric model) and evaluate it against attacks"),
@@ -129,8 +145,29 @@ def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
     }
 
 
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry", "null", "None", "")  # Lightning's names, not files
+
+
+def check_ckpt_path(args: Sequence[str]) -> None:
+    """Stop at once (exit 2, one message) when ``--ckpt_path`` names a missing file or one that
+    ``torch.load(weights_only=True)`` refuses, before LightningCLI builds a model or reads data."""
+    from mixdefense.io import load_plain
+
+    paths = [b for a, b in zip(args, args[1:]) if a == "--ckpt_path"]
+    paths += [a.split("=", 1)[1] for a in args if a.startswith("--ckpt_path=")]
+    for path in paths:
+        if path in CKPT_KEYWORDS or "://" in path:
+            continue
+        try:
+            load_plain(path, "checkpoint (--ckpt_path)", mmap=True)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"mixdefense {args[0]}: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+
 def run_lightning_cli(args: Sequence[str]):
     """Run a LightningCLI subcommand over any LightningModule / LightningDataModule."""
+    check_ckpt_path(list(args))
     import pytorch_lightning as pl
     from pytorch_lightning.cli import LightningCLI
 
@@ -142,7 +179,7 @@ def run_lightning_cli(args: Sequence[str]):
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},  # a typo is an error, not a prefix match
         save_config_kwargs={"overwrite": True},
         args=list(args),
     )

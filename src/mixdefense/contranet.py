@@ -28,7 +28,8 @@ Gradients: :meth:`ContraNet.detect` takes the label from the classifier under
 ``torch.no_grad`` as an integer argmax, so the classifier's and ContraNet's gradients never
 share a path; :meth:`score` itself is differentiable in ``x`` (adaptive attacks need that).
 Inputs whose side differs from the cGAN's (e.g. 28×28 MNIST for a 32×32 cGAN) are resized
-(bilinear, antialiased) before reconstruction.
+(bilinear, antialiased) before reconstruction; inputs must be square and at least
+:data:`MIN_SIDE` pixels on a side (anything else is a ``ValueError``, never a guess).
 """
 
 from __future__ import annotations
@@ -41,13 +42,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
-from mixdefense.io import atomic_torch_save, build_configured, configured_payload, load_tagged
+from mixdefense.io import atomic_torch_save, build_configured, configured_payload, load_tagged, refuses_malformed
 from mixdefense.nets.cgan import Reconstructor
 from mixdefense.nets.metric import EmbeddingNet
 from mixdefense.triplets import embedding_distance
-from mixdefense.validation import check_images, check_labels
+from mixdefense.validation import check_images, check_labels, match_dtype
 
 SCORES = ("metric", "l2", "ssim")
+#: smallest input side accepted; other square sizes are resized to the cGAN's (e.g. 28 → 32)
+MIN_SIDE = 8
 CONTRANET_FORMAT = "mixdefense.contranet/1"
 
 
@@ -158,9 +161,21 @@ class ContraNet(nn.Module):
     def calibrated(self) -> bool:
         return bool(torch.isfinite(self.thresholds).all())
 
-    def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        check_images(x, channels=self.reconstructor.in_channels)
+    def check_input(self, x: object, y: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate ``x [B, C, S, S]`` (float in ``[0, 1]``, ``C`` = the cGAN's channels, square,
+        ``S ≥`` :data:`MIN_SIDE`) and ``y [B]`` (int64 in ``[0, num_classes)``); ``x`` is returned
+        in the cGAN's dtype (float64 / float16 inputs are cast, values unchanged up to rounding)."""
+        x = self.validate_images(x)
         check_labels(y, x.shape[0], self.num_classes)
+        return x, y
+
+    def validate_images(self, x: object, name: str = "x") -> torch.Tensor:
+        """The image part of :meth:`check_input`."""
+        check_images(x, channels=self.reconstructor.in_channels, square=True, min_size=MIN_SIDE, name=name)
+        return match_dtype(x, self.reconstructor)
+
+    def _prepare(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, y = self.check_input(x, y)
         side = self.reconstructor.image_size
         if x.shape[-1] != side or x.shape[-2] != side:
             x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
@@ -195,6 +210,7 @@ class ContraNet(nn.Module):
     @torch.no_grad()
     def detect(self, x: torch.Tensor, classifier: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rejected [B], score [B], predicted labels [B])`` with the classifier's labels."""
+        x = self.validate_images(x)
         y_pred = predicted_labels(classifier, x)
         parts = self.score_components(x, y_pred)
         return self.decide(parts), self.combine(parts), y_pred
@@ -217,6 +233,7 @@ class ContraNet(nn.Module):
 
         The combined detector rejects at most ``target_frr`` of ``x``; see the module docstring.
         """
+        self.check_input(x, y)
         return self.calibrate_from_table(self.score_table(x, y, batch_size), target_frr)
 
     def calibrate_from_table(self, parts: dict[str, torch.Tensor], target_frr: float = 0.05) -> Calibration:
@@ -280,6 +297,7 @@ def save_contranet(model: ContraNet, path, **record) -> None:
     atomic_torch_save({"format": CONTRANET_FORMAT, **contranet_payload(model), **record}, path)
 
 
+@refuses_malformed("ContraNet")
 def load_contranet(path, map_location="cpu") -> ContraNet:
     """Load :func:`save_contranet`'s file (``weights_only=True``, no Lightning)."""
     return contranet_from_payload(load_tagged(path, CONTRANET_FORMAT, "ContraNet", map_location))

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mixdefense.io import load_plain
 from mixdefense.validation import check_images
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -71,9 +72,9 @@ def read_image(path: Path, channels: int, side: int) -> torch.Tensor:
 def read_tensor(path: Path, channels: int, side: int) -> torch.Tensor:
     """``[N, channels, side, side]`` from a ``.pt`` tensor file (``weights_only`` load, validated as is)."""
     try:
-        t = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise InputError(f"{path}: not a plain tensor file ({err.__class__.__name__}: {err})") from err
+        t = load_plain(path, "tensor")
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(str(err)) from err
     if not isinstance(t, torch.Tensor):
         raise InputError(f"{path}: expected a tensor [N, C, H, W], found {type(t).__name__}")
     if t.dim() == 3:
@@ -112,6 +113,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON list instead of text lines")
     ap.add_argument("--batch-size", type=int, default=256)
     args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        print(f"mixdefense detect: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
+        return 2
     from mixdefense.pipeline import load_detector
 
     try:

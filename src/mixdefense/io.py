@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,22 +30,64 @@ def atomic_torch_save(payload: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _refusal(path: Path, err: Exception) -> str:
+    """A short reason why ``torch.load(weights_only=True)`` refused ``path`` (the code it would run, if any)."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    unsafe = [ln for ln in lines if "global" in ln.lower()]  # e.g. "unsupported GLOBAL posix.system"
+    detail = unsafe[0] if unsafe else (lines[0] if lines else "")
+    return (f"refusing to load {path}: not a plain-weights file ({err.__class__.__name__}: {detail}). "
+            "MixDefense files and checkpoints load with torch.load(weights_only=True), which never runs code "
+            "from a file; do not load this one with weights_only=False unless you trust where it came from")
+
+
+def load_plain(path: str | Path, what: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with clear errors.
+
+    Raises ``FileNotFoundError`` (naming ``what``) when ``path`` is missing or not a file, and
+    ``ValueError`` when it is not a plain-weights file: a pickle that would run code (its
+    ``__reduce__`` is never called), a truncated or corrupt file, or plain text.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # pickle carrying code, truncated file, …
+        raise ValueError(_refusal(path, err)) from err
+
+
 def load_tagged(path: str | Path, tag: str, what: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a file written with ``{"format": tag, ...}`` using ``torch.load(weights_only=True)``.
 
     Raises ``FileNotFoundError`` when it is missing and ``ValueError`` when it is not a
     plain-weights file (e.g. a pickle carrying code) or carries another format tag.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{what} file not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle carrying code, truncated file, …
-        raise ValueError(f"refusing to load {path}: not a plain-weights file ({err.__class__.__name__}: {err})") from err
+    payload = load_plain(path, what, map_location)
     if not isinstance(payload, dict) or payload.get("format") != tag:
-        raise ValueError(f"{path} is not a MixDefense {what} file (missing format tag {tag!r})")
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not a MixDefense {what} file (missing format tag {tag!r}; found {found!r})")
     return payload
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def refuses_malformed(what: str) -> Callable[[F], F]:
+    """Decorate a ``load_*(path, ...)`` function: a payload that carries the right format tag but
+    the wrong structure (a missing key, a wrong type, weights that do not fit the recorded
+    configuration) becomes one ``ValueError`` naming the file, not a ``KeyError`` from deep inside."""
+
+    def wrap(load: F) -> F:
+        @functools.wraps(load)
+        def checked(path, *args, **kwargs):
+            try:
+                return load(path, *args, **kwargs)
+            except (KeyError, TypeError, RuntimeError, AttributeError, IndexError) as err:
+                raise ValueError(f"{path}: malformed {what} file ({err.__class__.__name__}: {err})") from err
+
+        return checked  # type: ignore[return-value]
+
+    return wrap
 
 
 def configured_payload(module: torch.nn.Module) -> dict[str, Any]:

@@ -10,7 +10,8 @@ Every layer is an ``nn.Module`` with a ``name`` and a ``kind``:
 :class:`MixDefense` runs the pre layers in order, then the classifier on the inputs still
 accepted, then the post layers in order; an input rejected by a layer is never shown to
 the later ones (an SAEC rejection skips the classifier).  Further detectors (Feature
-Squeezing, MagNet, … — paper §7) slot in between by their kind.  Images are
+Squeezing and MagNet — :mod:`mixdefense.squeezing`, :mod:`mixdefense.magnet`; paper §7) slot in
+between by their kind; a layer with a ``bind(classifier)`` method is given the pipeline's classifier.  Images are
 ``[B, C, H, W]`` floats in ``[0, 1]`` at the classifier's size; a post layer that works at
 another size resizes on its own.
 
@@ -31,9 +32,11 @@ import torch.nn as nn
 
 from mixdefense.classifiers import Classifier
 from mixdefense.contranet import ContraNet, contranet_from_payload, contranet_payload
-from mixdefense.io import atomic_torch_save, build_configured, configured_payload, load_tagged
+from mixdefense.io import atomic_torch_save, build_configured, configured_payload, load_tagged, refuses_malformed
+from mixdefense.magnet import MagNet, magnet_from_payload, magnet_payload
 from mixdefense.saec import SAEC, saec_from_payload, saec_payload
-from mixdefense.validation import check_images
+from mixdefense.squeezing import FeatureSqueezing, squeezing_from_payload, squeezing_payload
+from mixdefense.validation import check_images, match_dtype
 
 BUNDLE_FORMAT = "mixdefense.detector/1"
 NOT_CLASSIFIED = -1  # label of an input rejected before the classifier ran
@@ -43,6 +46,8 @@ ACCEPTED = -1  # layer index of an accepted input
 LAYER_TYPES: dict[str, tuple[type, Callable[[Any], dict], Callable[[dict], nn.Module]]] = {
     "saec": (SAEC, saec_payload, saec_from_payload),
     "contranet": (ContraNet, contranet_payload, contranet_from_payload),
+    "feature_squeezing": (FeatureSqueezing, squeezing_payload, squeezing_from_payload),
+    "magnet": (MagNet, magnet_payload, magnet_from_payload),
 }
 
 
@@ -100,6 +105,9 @@ class MixDefense(nn.Module):
             if channels is not None and rec is not None and rec.in_channels != channels:
                 raise ValueError(f"layer {layer.name!r} takes {rec.in_channels}-channel images, the classifier {channels}")
         self.classifier = classifier.eval()
+        for layer in layers:  # layers that need the classifier's outputs (Feature Squeezing, MagNet) use this one
+            if hasattr(layer, "bind"):
+                layer.bind(self.classifier)
         self.layers = nn.ModuleList(layers)
 
     @property
@@ -109,8 +117,7 @@ class MixDefense(nn.Module):
     @torch.no_grad()
     def detect(self, x: torch.Tensor) -> Verdict:
         """Run the pipeline on ``x [B, C, H, W]`` in ``[0, 1]`` (see the module docstring)."""
-        size = getattr(self.classifier, "image_size", None)
-        check_images(x, channels=getattr(self.classifier, "in_channels", None), size=size)
+        x = self.check_input(x)
         b = x.shape[0]
         labels = torch.full((b,), NOT_CLASSIFIED, dtype=torch.long, device=x.device)
         layer = torch.full((b,), ACCEPTED, dtype=torch.long, device=x.device)
@@ -139,6 +146,7 @@ class MixDefense(nn.Module):
         ``> 1`` — the same verdict as :meth:`detect`, which never runs a later layer on a
         rejected input — and ``margins.amax(0)`` is a single score for ROC curves.
         """
+        x = self.check_input(x)
         labels = self._classify(x)
         rows = [det.margin(x) if det.kind == "pre" else det.margin(x, labels) for det in self.layers]
         return labels, torch.stack(rows)
@@ -152,6 +160,13 @@ class MixDefense(nn.Module):
         is_pre = torch.tensor([det.kind == "pre" for det in self.layers], device=labels.device)
         by_pre = any_rej & is_pre[first.clamp_min(0)]
         return Verdict(labels.masked_fill(by_pre, NOT_CLASSIFIED), any_rej, first, self.layer_names)
+
+    def check_input(self, x: object) -> torch.Tensor:
+        """Validate ``x`` against the classifier (channels, size; float in ``[0, 1]``, finite, non-empty:
+        :func:`~mixdefense.validation.check_images`) and cast it to the classifier's dtype."""
+        check_images(x, channels=getattr(self.classifier, "in_channels", None),
+                     size=getattr(self.classifier, "image_size", None))
+        return match_dtype(x, self.classifier)
 
     def _classify(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
@@ -182,6 +197,7 @@ def save_bundle(detector: MixDefense, path: str | Path, **record: Any) -> Path:
     return atomic_torch_save(payload, path)
 
 
+@refuses_malformed("detector bundle")
 def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> MixDefense:
     """Load :func:`save_bundle`'s file with ``torch.load(weights_only=True)``; a ready :class:`MixDefense`."""
     payload = load_tagged(path, BUNDLE_FORMAT, "detector bundle", map_location)

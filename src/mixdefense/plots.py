@@ -47,7 +47,7 @@ def budget_curves(
             for m in metrics:
                 lines[(r.get(group, ""), m)].append(r)
         for (g, m), pts in lines.items():
-            pts = sorted((p for p in pts if p["kept"]), key=lambda p: p["eps"])
+            pts = sorted((p for p in pts if p["kept"] and p[m] == p[m]), key=lambda p: p["eps"])  # kept, not NaN
             if not pts:
                 continue
             label = f"{g} {m}".strip()
@@ -57,7 +57,8 @@ def budget_curves(
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("rate")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    if axes[0][-1].get_legend_handles_labels()[0]:
+        axes[0][-1].legend(fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title)
     return _save(fig, path)

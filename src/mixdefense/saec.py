@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixdefense.io import atomic_torch_save, load_tagged
+from mixdefense.io import atomic_torch_save, load_tagged, refuses_malformed
 from mixdefense.metrics import detection_auroc
 from mixdefense.validation import check_images
 
@@ -210,10 +210,15 @@ class SAEC(nn.Module):
         r = float(self.value_range)
         return batched_histogram(feat, int(self.bins), -r, r) / feat.shape[1]
 
+    def check_input(self, x: object, name: str = "x") -> torch.Tensor:
+        """Validate images for SAEC: ``[B, C, H, W]`` float in ``[0, 1]``, ``C ∈ {1, 3}``, and ``H, W`` at
+        least the high-pass kernel's side (a valid convolution of a smaller image is empty)."""
+        return check_images(x, channels=(1, 3), min_size=int(self.kernel.shape[-1]), name=name)
+
     def score(self, x: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
         """Noise-level scores ``[B]`` (eq. 2) of images ``x [B, C, H, W]`` in [0, 1], C ∈ {1, 3}."""
         if validate:
-            check_images(x, channels=(1, 3))
+            self.check_input(x)
         with torch.no_grad():
             h = self.histogram(x.float())
             return h.var(dim=1, unbiased=False)  # (1/L) Σ (H[i] − μ)²
@@ -260,16 +265,21 @@ class SAEC(nn.Module):
         lo_a, hi_a = float(noise[0]), float(noise[1])
         if not 0.0 < lo_a <= hi_a:
             raise ValueError(f"noise amplitudes must satisfy 0 < min <= max, got {noise}")
+        if isinstance(clean, torch.Tensor):
+            self.check_input(clean, name="clean")
+        elif not isinstance(clean, Iterable) or isinstance(clean, (str, bytes)):
+            raise ValueError(f"clean: expected a torch.Tensor [N, C, H, W] in [0, 1] or an iterable of such batches, "
+                             f"got {type(clean).__name__}")
         gen = torch.Generator().manual_seed(seed)
         clean_scores, noisy_scores, seen = [], [], 0
         batches = clean.split(batch_size) if isinstance(clean, torch.Tensor) else clean
         for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+            self.check_input(x, name="clean")
             if max_images is not None:
                 x = x[: max_images - seen]
             if x.shape[0] == 0:
                 break
-            check_images(x, channels=(1, 3), name="clean")
             x = x.float().cpu()
             amp = lo_a + (hi_a - lo_a) * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
             noisy = (x + (2 * torch.rand(x.shape, generator=gen) - 1) * amp).clamp(0, 1)
@@ -330,6 +340,7 @@ def save_saec(saec: SAEC, path, **metadata) -> None:
     atomic_torch_save({"format": "mixdefense.saec/1", **saec_payload(saec), "metadata": metadata}, path)
 
 
+@refuses_malformed("SAEC")
 def load_saec(path) -> SAEC:
     """Load a layer written by :func:`save_saec` (``torch.load(..., weights_only=True)``)."""
     return saec_from_payload(load_tagged(path, "mixdefense.saec/1", "SAEC"))

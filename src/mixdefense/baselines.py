@@ -1,0 +1,93 @@
+"""Baseline defenses on MixDefense's evaluation curves (paper §5.1 "compared defense methods").
+
+A *compared defense* answers, for a batch of images ``x [B, C, H, W]`` in ``[0, 1]``,
+``labels_and_margins(x) → (labels [B] int64, margins [B] float)``: the label the defended
+system outputs and a margin that is ``> 1`` exactly where the defense rejects the input
+(0 where it never rejects).  Three kinds:
+
+* :class:`DetectorBaseline` — a detector layer in front of the *same* classifier as
+  MixDefense (Feature Squeezing, MagNet).  It is evaluated on the *same AEs* as MixDefense
+  (made against that classifier).  MagNet's label is the classifier's label on the reformed
+  input (``reform``); Feature Squeezing's is the classifier's own.
+* :class:`RobustClassifier` — a classifier trained to resist attacks (Madry PGD adversarial
+  training); it never rejects.  Transferred AEs would flatter it, so the evaluation attacks
+  *it* (white-box) with the same attacks, budgets and test images, and reports Acc_RC.
+* the undefended classifier itself (no object needed: the evaluation's base rows).
+
+:func:`load_baseline` builds one from a file by its format tag (``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from mixdefense.classifiers import load_classifier
+from mixdefense.magnet import MAGNET_FORMAT, load_magnet
+from mixdefense.squeezing import SQUEEZE_FORMAT, load_squeezing
+
+
+class DetectorBaseline:
+    """A detector layer (``margin(x)``, optional ``reform(x)``) in front of ``classifier``."""
+
+    attack_model = None  # evaluated on the AEs made against MixDefense's classifier
+
+    def __init__(self, name: str, layer: nn.Module, classifier: nn.Module):
+        self.name, self.layer, self.classifier = name, layer, classifier
+        if hasattr(layer, "bind"):
+            layer.bind(classifier)
+
+    @torch.no_grad()
+    def labels_and_margins(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.classifier.eval()
+        shown = self.layer.reform(x) if hasattr(self.layer, "reform") else x
+        return self.classifier(shown).argmax(1), self.layer.margin(x)
+
+
+class RobustClassifier:
+    """A robust classifier (e.g. Madry PGD-AT) that never rejects; attacked white-box (``attack_model``)."""
+
+    def __init__(self, name: str, model: nn.Module):
+        self.name, self.model = name, model.eval()
+
+    @property
+    def attack_model(self) -> nn.Module:
+        return self.model
+
+    @torch.no_grad()
+    def labels_and_margins(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.eval()
+        return self.model(x).argmax(1), torch.zeros(x.shape[0], device=x.device)
+
+
+def load_baseline(name: str, path: str | Path, classifier: nn.Module) -> DetectorBaseline | RobustClassifier:
+    """The compared defense stored in ``path``: a Feature Squeezing or MagNet file (in front of
+    ``classifier``), or a classifier file (a robust classifier such as ``madry.pt``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"baseline {name!r}: {path} not found (make train-madry / train-magnet / baselines DATASET=...)")
+    tag = _format_of(path)
+    if tag == SQUEEZE_FORMAT:
+        return DetectorBaseline(name, load_squeezing(path), classifier)
+    if tag == MAGNET_FORMAT:
+        return DetectorBaseline(name, load_magnet(path), classifier)
+    model = load_classifier(path)
+    for attr in ("num_classes", "in_channels", "image_size"):
+        mine, theirs = getattr(model, attr, None), getattr(classifier, attr, None)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ValueError(f"baseline {name!r}: {path} has {attr}={mine}, the detector's classifier {theirs}")
+    return RobustClassifier(name, model)
+
+
+def _format_of(path: Path) -> str:
+    """The format tag stored in ``path`` (loaded with ``weights_only=True``; clear error otherwise)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"refusing to load {path}: not a plain-weights file ({err.__class__.__name__}: {err})") from err
+    tag = payload.get("format") if isinstance(payload, dict) else None
+    if tag not in (SQUEEZE_FORMAT, MAGNET_FORMAT, "mixdefense.classifier/1"):
+        raise ValueError(f"{path}: not a baseline file (format {tag!r}; expected Feature Squeezing, MagNet or a classifier)")
+    return tag
