@@ -38,8 +38,12 @@ def budget_curves(
     for r in rows:
         by_attack[r["attack"]].append(r)
     n = len(by_attack)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.6), squeeze=False)
-    for ax, (attack, items) in zip(axes[0], by_attack.items()):
+    cols = min(n, 4)  # wrap long sweeps into rows of 4 panels
+    rows_ = -(-n // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.6 * rows_), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (attack, items) in zip(axes.flat, by_attack.items()):
         norm = items[0]["norm"]
         scale = 255.0 if norm == "linf" else 1.0
         lines: dict[tuple, list[dict]] = defaultdict(list)
@@ -56,9 +60,14 @@ def budget_curves(
         ax.set_xlabel(_eps_label(norm))
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("rate")
-    if axes[0][-1].get_legend_handles_labels()[0]:
-        axes[0][-1].legend(fontsize=7, loc="lower right")
+    for row in axes:
+        row[0].set_ylabel("rate")
+    legend = {}  # every line's label once, from whichever panel has it
+    for ax in axes.flat[:n]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        axes.flat[n - 1].legend(list(legend.values()), list(legend), fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title)
     return _save(fig, path)
