@@ -20,7 +20,7 @@ else
   SUFFIX :=
 endif
 
-.PHONY: help install data test test-slow demo train-classifier train-cgan evaluate-cgan train-metric evaluate-contranet bundle evaluate saec adaptive train-madry train-magnet baselines compare clean-runs
+.PHONY: help install data test test-slow demo train-classifier train-cgan evaluate-cgan train-metric evaluate-contranet calibrate bundle evaluate saec adaptive train-madry train-magnet baselines compare clean-runs
 
 help:
 	@echo "make demo                         the main job (installs, fetches data, runs)"
@@ -31,6 +31,7 @@ help:
 	@echo "make evaluate-cgan DATASET=ds     faithfulness (SSIM) and label binding of the exported cGAN, Figure-8 grid"
 	@echo "make train-metric DATASET=ds      train ContraNet's metric model M, then calibrate + evaluate the detector"
 	@echo "make evaluate-contranet DATASET=ds  calibrate ContraNet (M, L2, SSIM, M+SSIM) and measure it against FGSM/PGD/C&W"
+	@echo "make calibrate DATASET=ds         calibrate SAEC (uniform noise) and ContraNet (clean validation, CONTRANET_FRR), write the bundle"
 	@echo "make bundle DATASET=ds            one detector file (classifier + SAEC + ContraNet), checked on clean images"
 	@echo "make evaluate DATASET=ds          attacks x budgets -> Acc_detector / Acc_RC curves (PROFILE=quick: 3 x 3)"
 	@echo "make saec DATASET=ds              calibrate SAEC on uniform noise, then evaluate it against attacks"
@@ -91,6 +92,13 @@ evaluate-contranet: $(STAMP) data
 # The detector bundle from the trained parts, then the paper's sweep (PROFILE=quick: 3 attacks x 3 budgets).
 bundle: $(STAMP) data
 	$(MD) bundle --dataset $(DATASET)
+
+# Every threshold from clean data: SAEC on uniform-noise copies of training images (1 % clean rejection),
+# ContraNet on validation images at CONTRANET_FRR (the shipped MNIST bundle: 0.01), then the bundle.
+CONTRANET_FRR ?= 0.01
+calibrate: $(STAMP) data
+	$(MD) saec calibrate --config experiments/$(DATASET)/saec.yaml
+	$(MD) bundle --dataset $(DATASET) --contranet-frr $(CONTRANET_FRR)
 
 evaluate: $(STAMP) data
 	$(MD) test --config experiments/$(DATASET)/evaluate$(SUFFIX).yaml $(ARGS)

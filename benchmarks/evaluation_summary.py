@@ -33,6 +33,19 @@ def main() -> None:
     print(f"{args.defense}: {len(kept)} kept points ({len(dropped)} dropped, < {result['min_successes']} successful AEs); "
           f"Acc_detector min {100 * min(det):.1f} % / mean {100 * sum(det) / len(det):.1f} %; "
           f"Acc_RC min {100 * min(rc):.1f} % / mean {100 * sum(rc) / len(rc):.1f} %")
+    print(f"| attack | kept budgets | ε range | Acc_detector min / mean | Acc_RC min / mean | caught by (mean) |\n|---|---|---|---|---|---|")
+    for attack, norm in dict.fromkeys((r["attack"], r["norm"]) for r in result["points"] if r["defense"] == args.defense):
+        pts = [r for r in kept if (r["attack"], r["norm"]) == (attack, norm)]
+        if not pts:
+            print(f"| {attack} ({norm}) | 0 | — | — | — | — |")
+            continue
+        eps = [r["eps"] * 255 if norm == "linf" else r["eps"] for r in pts]
+        unit = "/255" if norm == "linf" else " (L2)"
+        d, c = [r["acc_detector"] for r in pts], [r["acc_rc"] for r in pts]
+        caught = ", ".join(f"{k[len('caught_by_'):]} {100 * sum(r[k] for r in pts) / len(pts):.0f} %"
+                           for k in pts[0] if k.startswith("caught_by_"))
+        print(f"| {attack} ({norm}) | {len(pts)} | {min(eps):g}–{max(eps):g}{unit} | {100 * min(d):.1f} / {100 * sum(d) / len(d):.1f} % | "
+              f"{100 * min(c):.1f} / {100 * sum(c) / len(c):.1f} % | {caught} |")
     for r in kept:
         if r["acc_detector"] < args.floor:
             eps = f"{r['eps'] * 255:.0f}/255" if r["norm"] == "linf" else f"{r['eps']:.2f}"

@@ -13,7 +13,7 @@ from lightning_modules.callbacks import ResumableRNG
 from mixdefense.attacks import run_attack
 from mixdefense.classifiers import Classifier, load_classifier
 
-ADVERSARIAL_KEYS = {"eps", "alpha", "steps", "norm", "random_start"}
+ADVERSARIAL_KEYS = {"eps", "alpha", "steps", "norm", "random_start", "ramp_epochs"}
 
 
 def _check_adversarial(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -23,7 +23,9 @@ def _check_adversarial(cfg: dict[str, Any] | None) -> dict[str, Any] | None:
     unknown = set(cfg) - ADVERSARIAL_KEYS
     if unknown:
         raise ValueError(f"adversarial: unknown keys {sorted(unknown)}; expected {sorted(ADVERSARIAL_KEYS)}")
-    out = {"norm": "linf", "random_start": True, **cfg}
+    out = {"norm": "linf", "random_start": True, "ramp_epochs": 0.0, **cfg}
+    if out["ramp_epochs"] < 0:
+        raise ValueError(f"adversarial.ramp_epochs must be >= 0, got {out['ramp_epochs']}")
     if out["norm"] not in ("linf", "l2"):
         raise ValueError(f"adversarial.norm must be 'linf' or 'l2', got {out['norm']!r}")
     for key in ("eps", "alpha", "steps"):
@@ -48,8 +50,10 @@ class ClassifierModule(ResumableRNG, pl.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         channels_last: use the channels-last memory format (faster convolutions on CPU).
         adversarial: PGD adversarial training (Madry et al. 2018) when given:
-            ``{eps, alpha, steps, norm: linf|l2, random_start: true}`` (ε, α in [0, 1] pixel
-            units; L2 over the whole image).  Every training batch is replaced by its PGD AEs
+            ``{eps, alpha, steps, norm: linf|l2, random_start: true, ramp_epochs: 0}`` (ε, α in
+            [0, 1] pixel units; L2 over the whole image).  With ``ramp_epochs > 0`` the training
+            budget (and step) grows linearly from 0 to ``eps`` over that many epochs (a curriculum:
+            PGD training at MNIST's ε = 0.3 from the start stalls at chance level on a small net).  Every training batch is replaced by its PGD AEs
             against the current model (made in eval mode); validation logs the clean accuracy
             and ``val/robust_acc`` under the same attack.
         init_weights: start from a plain-weights classifier file (e.g. adversarial fine-tuning
@@ -109,17 +113,28 @@ class ClassifierModule(ResumableRNG, pl.LightningModule):
         self.log(f"{stage}/acc", metric, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
-    def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """PGD AEs of ``(x, y)`` against the current model (eval mode), with ``adversarial``'s settings."""
+    def attack(self, x: torch.Tensor, y: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """PGD AEs of ``(x, y)`` against the current model (eval mode), with ``adversarial``'s settings
+        (ε and α times ``scale``)."""
         cfg = self.adversarial
         with torch.inference_mode(False), torch.enable_grad():
-            return run_attack(f"pgd_{cfg['norm']}", self.model, x.clone(), y.clone(), cfg["eps"],
-                              steps=cfg["steps"], alpha=cfg["alpha"], random_start=cfg["random_start"])
+            return run_attack(f"pgd_{cfg['norm']}", self.model, x.clone(), y.clone(), cfg["eps"] * scale,
+                              steps=cfg["steps"], alpha=cfg["alpha"] * scale, random_start=cfg["random_start"])
+
+    def budget_scale(self, batch_idx: int) -> float:
+        """The curriculum's share of ε at this training step (1 without a ramp)."""
+        ramp = self.adversarial["ramp_epochs"]
+        if not ramp:
+            return 1.0
+        per_epoch = max(int(self.trainer.num_training_batches), 1) if self._trainer is not None else 1
+        return min(1.0, (self.current_epoch + (batch_idx + 1) / per_epoch) / ramp)
 
     def training_step(self, batch, batch_idx):
         if self.adversarial:
             x, y = batch
-            batch = (self.attack(x, y), y)
+            scale = self.budget_scale(batch_idx)
+            self.log("train/eps", self.adversarial["eps"] * scale, on_step=True, on_epoch=False)
+            batch = (self.attack(x, y, scale), y)
         return self._step(batch, self.train_acc, "train")
 
     def validation_step(self, batch, batch_idx):

@@ -197,3 +197,21 @@ def test_madry_training_step_trains_on_pgd_examples_within_budget():
     adv = module.attack(x, y)
     assert (adv - x).abs().max() <= 0.3 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     assert not torch.equal(adv, x)
+
+
+def test_madry_curriculum_ramps_the_budget_linearly():
+    from types import SimpleNamespace
+
+    from lightning_modules.classifier import ClassifierModule
+
+    module = ClassifierModule(adversarial={"eps": 0.3, "alpha": 0.05, "steps": 2, "ramp_epochs": 2})
+    module._trainer = SimpleNamespace(num_training_batches=10, current_epoch=0)
+    assert module.budget_scale(4) == pytest.approx(0.25)  # half of epoch 0 of a 2-epoch ramp
+    module._trainer.current_epoch = 1
+    assert module.budget_scale(4) == pytest.approx(0.75)
+    module._trainer.current_epoch = 3
+    assert module.budget_scale(0) == 1.0
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    assert (module.attack(x, y, scale=0.25) - x).abs().max() <= 0.075 + 1e-6
+    with pytest.raises(ValueError, match="ramp_epochs"):
+        ClassifierModule(adversarial={"eps": 0.3, "alpha": 0.05, "steps": 2, "ramp_epochs": -1})
