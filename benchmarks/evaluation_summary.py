@@ -33,7 +33,8 @@ def main() -> None:
     print(f"{args.defense}: {len(kept)} kept points ({len(dropped)} dropped, < {result['min_successes']} successful AEs); "
           f"Acc_detector min {100 * min(det):.1f} % / mean {100 * sum(det) / len(det):.1f} %; "
           f"Acc_RC min {100 * min(rc):.1f} % / mean {100 * sum(rc) / len(rc):.1f} %")
-    print(f"| attack | kept budgets | ε range | Acc_detector min / mean | Acc_RC min / mean | caught by (mean) |\n|---|---|---|---|---|---|")
+    print("| attack | kept budgets | ε range | Acc_detector min / mean | Acc_RC min / mean | caught by (mean) |")
+    print("|---|---|---|---|---|---|")
     for attack, norm in dict.fromkeys((r["attack"], r["norm"]) for r in result["points"] if r["defense"] == args.defense):
         pts = [r for r in kept if (r["attack"], r["norm"]) == (attack, norm)]
         if not pts:

@@ -51,11 +51,11 @@ class ClassifierModule(ResumableRNG, pl.LightningModule):
         channels_last: use the channels-last memory format (faster convolutions on CPU).
         adversarial: PGD adversarial training (Madry et al. 2018) when given:
             ``{eps, alpha, steps, norm: linf|l2, random_start: true, ramp_epochs: 0}`` (ε, α in
-            [0, 1] pixel units; L2 over the whole image).  With ``ramp_epochs > 0`` the training
-            budget (and step) grows linearly from 0 to ``eps`` over that many epochs (a curriculum:
-            PGD training at MNIST's ε = 0.3 from the start stalls at chance level on a small net).  Every training batch is replaced by its PGD AEs
-            against the current model (made in eval mode); validation logs the clean accuracy
-            and ``val/robust_acc`` under the same attack.
+            [0, 1] pixel units; L2 over the whole image).  Every training batch is replaced by its
+            PGD AEs against the current model (made in eval mode); validation logs the clean
+            accuracy and ``val/robust_acc`` under the full budget.  With ``ramp_epochs > 0`` the
+            training budget (and step) grows linearly from 0 to ``eps`` over that many epochs (a
+            curriculum: at MNIST's ε = 0.3 from the start, a small net stalls at chance level).
         init_weights: start from a plain-weights classifier file (e.g. adversarial fine-tuning
             of ``artifacts/<ds>/classifier.pt``); its configuration must match.
     """
@@ -90,7 +90,8 @@ class ClassifierModule(ResumableRNG, pl.LightningModule):
         if init_weights:
             start = load_classifier(init_weights)
             if start.config != self.model.config:
-                raise ValueError(f"init_weights {init_weights}: its classifier config {start.config} differs from {self.model.config}")
+                raise ValueError(f"init_weights {init_weights}: its classifier config {start.config} "
+                                 f"differs from {self.model.config}")
             self.model.load_state_dict(start.state_dict())
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -145,10 +145,10 @@ class MixDefenseEvaluation(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         x, y = batch
-        partial = self._partial_path(batch_idx)
+        partial, signature = self._partial_path(batch_idx), self._signature(x, y)
         if self.hparams.resume and partial.exists():
             done = torch.load(partial, map_location="cpu", weights_only=True)
-            if done.get("signature") == self._signature():
+            if done.get("signature") == signature:
                 for key, metric in self._metrics().items():
                     if done[key].numel():
                         metric.update(done[key].to(self.device))
@@ -163,17 +163,20 @@ class MixDefenseEvaluation(pl.LightningModule):
         for key, metric in self._metrics().items():
             if tables[key].numel():
                 metric.update(tables[key])
-        atomic_torch_save({"signature": self._signature(), **{k: t.cpu() for k, t in tables.items()}}, partial)
+        atomic_torch_save({"signature": signature, **{k: t.cpu() for k, t in tables.items()}}, partial)
 
     def _metrics(self) -> dict[str, CatMetric]:
         return {"ae": self.ae_rows, "clean": self.clean_rows, "baseline": self.baseline_rows, "baseline_clean": self.baseline_clean_rows}
 
-    def _signature(self) -> str:
-        """What a batch's rows depend on (settings, bundle and baseline files): stale partial rows are not reused."""
+    def _signature(self, x: torch.Tensor, y: torch.Tensor) -> str:
+        """What a batch's rows depend on (settings, bundle and baseline files, the batch itself):
+        partial rows of another run or another data split are never reused."""
         h = hashlib.sha256(json.dumps({k: self.hparams[k] for k in ("bundle", "attacks", "baselines", "seed")},
                                       sort_keys=True, default=str).encode())
         for f in [self.hparams.bundle, *(self.hparams.baselines or {}).values()]:
             h.update(str(Path(f).stat().st_mtime_ns).encode())
+        h.update(x.detach().cpu().contiguous().numpy().tobytes())
+        h.update(y.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def _partial_path(self, batch_idx: int) -> Path:
@@ -430,22 +433,27 @@ def format_table(result: dict) -> str:
 
 
 def comparison_table(result: dict) -> str:
-    """Markdown: mean Acc_detector and Acc_RC over each attack's kept budget points, per compared defense.
+    """Markdown: mean Acc_detector and Acc_RC per attack and compared defense, on common budgets.
 
     Compared defenses: the composite, the detector baselines, the robust classifiers and the
-    undefended classifier (means over the points each one keeps; ``n`` = how many)."""
+    undefended classifier.  Means run over the budget points the composite keeps (≥
+    ``min_successes`` successful AEs against the undefended classifier) that the defense keeps too
+    (``n`` = how many), so every column averages the same budgets.  Robust classifiers and the
+    undefended classifier never reject: their Acc_detector is not defined ("—")."""
+    never_reject = {*result.get("robust", []), UNDEFENDED}
     names = [COMPOSITE, *result.get("baselines", []), UNDEFENDED]
+    common = {(r["attack"], r["norm"], r["eps"]) for r in result["points"] if r["defense"] == COMPOSITE and r["kept"]}
     attacks = list(dict.fromkeys((r["attack"], r["norm"], r["binned"]) for r in result["points"]))
     head = "| attack | " + " | ".join(f"{n} Acc_det / Acc_RC" for n in names) + " |"
     lines = [head, "|" + "---|" * (len(names) + 1)]
+    fmt = lambda v: f"{100 * sum(v) / len(v):.1f}" if v else "—"  # noqa: E731
     for attack, norm, binned in attacks:
         cells = []
         for n in names:
             pts = [r for r in result["points"] if (r["attack"], r["norm"], r["binned"], r["defense"]) == (attack, norm, binned, n)
-                   and r["kept"]]
-            det = [r["acc_detector"] for r in pts if r["acc_detector"] == r["acc_detector"]]
+                   and r["kept"] and (r["attack"], r["norm"], r["eps"]) in common]
+            det = [] if n in never_reject else [r["acc_detector"] for r in pts if r["acc_detector"] == r["acc_detector"]]
             rc = [r["acc_rc"] for r in pts if r["acc_rc"] == r["acc_rc"]]
-            fmt = lambda v: f"{100 * sum(v) / len(v):.1f}" if v else "—"  # noqa: E731
             cells.append(f"{fmt(det)} / {fmt(rc)} (n={len(pts)})")
         label = f"{attack} ({norm}, binned)" if binned else attack
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -453,7 +461,7 @@ def comparison_table(result: dict) -> str:
     acc = {COMPOSITE: c["accuracy_with_defense"], UNDEFENDED: c["accuracy_classifier"],
            **{n: v["accuracy"] for n, v in c.get("baselines", {}).items()}}
     lines.append("| clean accuracy (rejections count as errors) | " + " | ".join(
-        f"{100 * acc[n]:.2f} %" if acc.get(n) == acc.get(n) and n in acc else "—" for n in names) + " |")
+        f"{100 * acc[n]:.2f} %" if n in acc and acc[n] == acc[n] else "—" for n in names) + " |")
     return "\n".join(lines)
 
 

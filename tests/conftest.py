@@ -24,6 +24,16 @@ def data_root() -> Path:
     return root
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: small tensors gain nothing from two, and on a shared 2-core
+    CPU two OpenMP threads that wait for each other make a tiny training step up to 50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -197,3 +197,24 @@ def test_ddp_on_two_cpu_processes_gives_the_same_metrics(mnist_bundle, tmp_path,
                 assert v == pytest.approx(b[k], abs=1e-6, nan_ok=True), (a["attack"], a["eps"], a["defense"], k)
             else:
                 assert v == b[k]
+
+
+def test_comparison_table_averages_common_budgets_and_leaves_acc_detector_of_non_rejecting_defenses_blank():
+    from lightning_modules.evaluation import comparison_table
+
+    def row(defense, eps, kept, det, rc):
+        return {"attack": "fgsm", "norm": "linf", "eps": eps, "binned": False, "defense": defense, "kept": kept,
+                "acc_detector": det, "acc_rc": rc}
+
+    result = {"baselines": ["fs", "madry"], "robust": ["madry"], "points": [
+        row("mixdefense", 0.1, True, 0.9, 1.0), row("mixdefense", 0.2, True, 1.0, 1.0), row("mixdefense", 0.01, False, 0.5, 1.0),
+        row("fs", 0.1, True, 0.7, 0.8), row("fs", 0.2, True, 0.9, 0.6), row("fs", 0.01, False, 0.5, 1.0),
+        row("madry", 0.1, True, 0.5, 0.6), row("madry", 0.2, False, 0.5, 0.2), row("madry", 0.01, True, 0.5, 1.0),
+        row("undefended", 0.1, True, 0.5, 0.0), row("undefended", 0.2, True, 0.5, 0.0), row("undefended", 0.01, False, 0.5, 1.0)],
+        "clean": {"accuracy_with_defense": 0.98, "accuracy_classifier": 0.99,
+                  "baselines": {"fs": {"accuracy": 0.95}, "madry": {"accuracy": 0.97}}}}
+    line = next(ln for ln in comparison_table(result).splitlines() if ln.startswith("| fgsm"))
+    cells = [c.strip() for c in line.strip("|").split("|")][1:]
+    # composite and FS over ε 0.1 and 0.2; Madry only where both it and the composite keep the point (0.1)
+    assert cells == ["95.0 / 100.0 (n=2)", "80.0 / 70.0 (n=2)", "— / 60.0 (n=1)", "— / 0.0 (n=2)"]
+    assert comparison_table(result).splitlines()[-1].endswith("98.00 % | 95.00 % | 97.00 % | 99.00 % |")

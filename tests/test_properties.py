@@ -13,13 +13,7 @@ from mixdefense.saec import SAEC, batched_histogram
 bools = st.lists(st.booleans(), min_size=1, max_size=64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (small tensors; two OpenMP threads on a busy 2-core CPU mostly wait)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors (see conftest)
 
 
 @settings(max_examples=40, deadline=None)

@@ -16,14 +16,7 @@ from mixdefense.saec import SAEC
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these small tensors gain nothing from two, and on a shared 2-core CPU two
-    OpenMP threads that wait for each other make a tiny training step up to 50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 BUNDLE = REPO / "artifacts/mnist/detector.pt"
 
 

@@ -30,14 +30,7 @@ from mixdefense.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these small tensors gain nothing from two, and on a shared 2-core CPU two
-    OpenMP threads that wait for each other make a tiny training step up to 50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSIFIER_CFG = REPO / "experiments/mnist/classifier.yaml"
 
 
@@ -201,7 +194,7 @@ def _fit_cmd(config: Path, *extra: str) -> list[str]:
     return [str(Path(sys.executable).with_name("mixdefense")), "fit", "--config", str(config), *extra]
 
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}  # see _one_thread
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}  # see the one_thread fixture
 
 
 def _run(cmd: list[str], cwd: Path, timeout: float = 240) -> None:

@@ -55,7 +55,9 @@ def budget_curves(
             if not pts:
                 continue
             label = f"{g} {m}".strip()
-            ax.plot([p["eps"] * scale for p in pts], [p[m] for p in pts], marker="o", ms=3, label=label)
+            bold = g == "mixdefense"  # the composite on top, thicker, so equal curves do not hide it
+            ax.plot([p["eps"] * scale for p in pts], [p[m] for p in pts], marker="o", ms=3, label=label,
+                    lw=2.4 if bold else 1.4, zorder=3 if bold else 2)
         ax.set_title(attack)
         ax.set_xlabel(_eps_label(norm))
         ax.set_ylim(-0.02, 1.02)
