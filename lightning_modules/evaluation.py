@@ -135,6 +135,9 @@ class MixDefenseEvaluation(pl.LightningModule):
         for b in self.baselines:
             if b.attack_model is not None:
                 b.attack_model.requires_grad_(False)
+        # the contents (not the dates) of the bundle and baseline files: partial rows survive a git clone
+        self._files_digest = "".join(hashlib.sha256(Path(f).read_bytes()).hexdigest()
+                                     for f in [bundle, *(baselines or {}).values()])
         self.ae_rows = CatMetric(nan_strategy="disable")  # [point, success, adv_correct, norm, adv margins (L), clean margins (L)]
         self.clean_rows = CatMetric(nan_strategy="disable")  # [correct, margins (L)]
         self.baseline_rows = CatMetric(nan_strategy="disable")  # BASELINE_WIDTH columns
@@ -173,8 +176,7 @@ class MixDefenseEvaluation(pl.LightningModule):
         partial rows of another run or another data split are never reused."""
         h = hashlib.sha256(json.dumps({k: self.hparams[k] for k in ("bundle", "attacks", "baselines", "seed")},
                                       sort_keys=True, default=str).encode())
-        for f in [self.hparams.bundle, *(self.hparams.baselines or {}).values()]:
-            h.update(str(Path(f).stat().st_mtime_ns).encode())
+        h.update(self._files_digest.encode())
         h.update(x.detach().cpu().contiguous().numpy().tobytes())
         h.update(y.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from mixdefense.classifiers import load_classifier
+from mixdefense.io import load_plain
 from mixdefense.magnet import MAGNET_FORMAT, load_magnet
 from mixdefense.squeezing import SQUEEZE_FORMAT, load_squeezing
 
@@ -83,10 +84,7 @@ def load_baseline(name: str, path: str | Path, classifier: nn.Module) -> Detecto
 
 def _format_of(path: Path) -> str:
     """The format tag stored in ``path`` (loaded with ``weights_only=True``; clear error otherwise)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"refusing to load {path}: not a plain-weights file ({err.__class__.__name__}: {err})") from err
+    payload = load_plain(path, "baseline")
     tag = payload.get("format") if isinstance(payload, dict) else None
     if tag not in (SQUEEZE_FORMAT, MAGNET_FORMAT, "mixdefense.classifier/1"):
         raise ValueError(f"{path}: not a baseline file (format {tag!r}; expected Feature Squeezing, MagNet or a classifier)")
