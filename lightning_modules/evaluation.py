@@ -195,14 +195,15 @@ class MixDefenseEvaluation(pl.LightningModule):
         labels, margins = self.detector.layer_table(x)
         rows["clean"].append(torch.cat([(labels == y).float()[:, None], margins.T.float()], 1))
         detectors = [(b, d) for b, d in enumerate(self.baselines) if d.attack_model is None]
+        ok = labels == y
+        clean_b = {}  # each detector baseline's clean margins, scored once and reused for the attacked images
         for b, det in detectors:
             b_labels, b_margin = det.labels_and_margins(x)
             rows["baseline_clean"].append(torch.stack([torch.full_like(b_margin, b), (b_labels == y).float(), b_margin.float()], 1))
-        ok = labels == y
+            clean_b[b] = b_margin[ok]
         if not ok.any():
             return
         xa, ya, clean_m = x[ok], y[ok], margins[:, ok]
-        clean_b = {b: det.labels_and_margins(xa)[1] for b, det in detectors}
         save_examples = batch_idx == 0 and self.hparams.examples > 0 and self.trainer.is_global_zero
         if save_examples:
             self._save_pngs(xa[: self.hparams.examples], "clean")

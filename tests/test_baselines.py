@@ -215,3 +215,20 @@ def test_madry_curriculum_ramps_the_budget_linearly():
     assert (module.attack(x, y, scale=0.25) - x).abs().max() <= 0.075 + 1e-6
     with pytest.raises(ValueError, match="ramp_epochs"):
         ClassifierModule(adversarial={"eps": 0.3, "alpha": 0.05, "steps": 2, "ramp_epochs": -1})
+
+
+def test_labels_and_margins_equal_the_separate_calls():
+    """The shared-pass method gives exactly the classifier's (reformed) labels and the layer's margin."""
+    clf = _tiny_classifier()
+    x = torch.rand(100, 1, 28, 28)
+    fs = FeatureSqueezing(["bits:1", "median:2"], clf)
+    fs.calibrate(x, 0.1)
+    magnet = MagNet(MagNetAutoencoder(1), ["l1", "jsd:10"], clf)
+    magnet.calibrate(x, 0.1)
+    labels, margins = fs.labels_and_margins(x[:20])
+    assert torch.equal(labels, clf(x[:20]).argmax(1)) and torch.allclose(margins, fs.margin(x[:20]))
+    labels, margins = magnet.labels_and_margins(x[:20])
+    assert torch.equal(labels, magnet.reformed_labels(x[:20])) and torch.allclose(margins, magnet.margin(x[:20]))
+    l1_only = MagNet(MagNetAutoencoder(1), ["l1"], clf)
+    l1_only.calibrate(x, 0.1)
+    assert torch.equal(l1_only.labels_and_margins(x[:5])[0], l1_only.reformed_labels(x[:5]))

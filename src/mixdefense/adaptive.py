@@ -545,12 +545,7 @@ def attack_latent(generator: nn.Module, z: torch.Tensor, t: torch.Tensor, goal: 
 
 def case_study_grid(columns: Sequence[tuple[str, torch.Tensor]], path, title: str = "", row_labels: Sequence[str] | None = None):
     """Save a labelled grid (one column per ``(header, images [R, C, S, S])``, one row per image) as a PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from pathlib import Path
-
-    import matplotlib.pyplot as plt
+    from mixdefense.plots import plt, save_figure  # matplotlib (Agg) only when a figure is drawn
 
     rows, cols = columns[0][1].shape[0], len(columns)
     fig, axes = plt.subplots(rows, cols, figsize=(1.05 * cols + 0.6, 1.1 * rows + 0.7), squeeze=False)
@@ -570,11 +565,4 @@ def case_study_grid(columns: Sequence[tuple[str, torch.Tensor]], path, title: st
                 ax.set_ylabel(row_labels[i], fontsize=6.5)
     if title:
         fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=130)

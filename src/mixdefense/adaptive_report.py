@@ -268,10 +268,7 @@ def case_studies(detector, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, ou
 
 # -- outputs -------------------------------------------------------------------------------
 def plot_success(rows: list[dict], path: Path, title: str, norm: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from mixdefense.plots import plt, save_figure
 
     panels = [("classifier", "vs classifier alone"), ("saec", "vs SAEC (classified t, SAEC accepts)"),
               ("contranet", "vs ContraNet (classified t, ContraNet accepts)"), ("mixdefense", "vs whole MixDefense")]
@@ -293,13 +290,7 @@ def plot_success(rows: list[dict], path: Path, title: str, norm: str) -> Path:
     axes[0].set_ylabel("attack success rate (target label t)")
     axes[-1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

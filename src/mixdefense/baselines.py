@@ -31,7 +31,8 @@ from mixdefense.squeezing import SQUEEZE_FORMAT, load_squeezing
 
 
 class DetectorBaseline:
-    """A detector layer (``margin(x)``, optional ``reform(x)``) in front of ``classifier``."""
+    """A detector layer in front of ``classifier``; the layer gives ``labels_and_margins(x)`` (its
+    output label — MagNet's on the reformed input — and its margin)."""
 
     attack_model = None  # evaluated on the AEs made against MixDefense's classifier
 
@@ -42,9 +43,8 @@ class DetectorBaseline:
 
     @torch.no_grad()
     def labels_and_margins(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.classifier.eval()
-        shown = self.layer.reform(x) if hasattr(self.layer, "reform") else x
-        return self.classifier(shown).argmax(1), self.layer.margin(x)
+        """The layer's own ``labels_and_margins`` (it shares the classifier/autoencoder passes)."""
+        return self.layer.labels_and_margins(x)
 
 
 class RobustClassifier:

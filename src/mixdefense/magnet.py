@@ -169,10 +169,11 @@ class MagNet(nn.Module):
         finally:
             clf.train(was_training)
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, D]``: every detector's score (larger = more adversarial)."""
+    def _scores(self, x: torch.Tensor, need_rec_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(scores [B, D], the classifier's logits on AE(x) or None)``: one AE pass, each logit pass at most once."""
         rec = self.reform(x)
-        logits = logits_rec = None
+        logits = None
+        logits_rec = self._logits(rec) if need_rec_logits else None
         out = []
         for spec in self.detectors:
             name, arg = parse_detector(spec)
@@ -180,15 +181,29 @@ class MagNet(nn.Module):
                 out.append((x - rec).abs().pow(arg).flatten(1).mean(1))
                 continue
             if logits is None:
-                logits, logits_rec = self._logits(x), self._logits(rec)
+                logits = self._logits(x)
+                logits_rec = self._logits(rec) if logits_rec is None else logits_rec
             out.append(jensen_shannon(F.softmax(logits / arg, 1), F.softmax(logits_rec / arg, 1)))
-        return torch.stack(out, 1)
+        return torch.stack(out, 1), logits_rec
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, D]``: every detector's score (larger = more adversarial)."""
+        return self._scores(x)[0]
+
+    def _check_calibrated(self) -> None:
+        if not self.calibrated:
+            raise RuntimeError("MagNet is not calibrated: call calibrate() or load a calibrated file")
 
     def margin(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``max_d s_d / t_d`` ``[B]``: ``> 1`` exactly where some detector rejects (``y`` unused)."""
-        if not self.calibrated:
-            raise RuntimeError("MagNet is not calibrated: call calibrate() or load a calibrated file")
+        self._check_calibrated()
         return (self.scores(x) / self.thresholds.clamp_min(1e-12)).amax(1)
+
+    def labels_and_margins(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(the classifier's labels on the reformed AE(x) [B], margins [B])``, sharing the AE and classifier passes."""
+        self._check_calibrated()
+        scores, logits_rec = self._scores(x, need_rec_logits=True)
+        return logits_rec.argmax(1), (scores / self.thresholds.clamp_min(1e-12)).amax(1)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``BoolTensor[B]``: ``True`` = rejected as adversarial."""

@@ -17,12 +17,15 @@ def _eps_label(norm: str) -> str:
     return "ε (L∞, ×1/255)" if norm == "linf" else "ε (L2, whole image, [0, 1] scale)"
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out, write ``fig`` as a PNG atomically (a temporary file, then a rename) and close it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
+    tmp.replace(path)
     return path
 
 
@@ -72,7 +75,7 @@ def budget_curves(
         axes.flat[n - 1].legend(list(legend.values()), list(legend), fontsize=7, loc="lower right")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def score_histograms(
@@ -99,4 +102,4 @@ def score_histograms(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path)

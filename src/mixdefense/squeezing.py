@@ -139,26 +139,40 @@ class FeatureSqueezing(nn.Module):
     def calibrated(self) -> bool:
         return bool(torch.isfinite(self.threshold))
 
-    def _softmax(self, x: torch.Tensor) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         clf = self.classifier
         was_training = clf.training
         clf.eval()
         try:
-            return F.softmax(clf(x), dim=1)
+            return clf(x)
         finally:
             clf.train(was_training)
+
+    def _score(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The score of ``x`` given the classifier's ``logits`` on it (one forward per squeezer)."""
+        p = F.softmax(logits, dim=1)
+        return torch.stack([(p - F.softmax(self._logits(squeeze(x, s)), 1)).abs().sum(1) for s in self.squeezers], 1).amax(1)
 
     def score(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``[B]`` max L1 distance between the softmax of ``x`` and of each squeezed ``x`` (``y`` unused)."""
         check_images(x)
-        p = self._softmax(x)
-        return torch.stack([(p - self._softmax(squeeze(x, s))).abs().sum(1) for s in self.squeezers], 1).amax(1)
+        return self._score(x, self._logits(x))
+
+    def _check_calibrated(self) -> None:
+        if not self.calibrated:
+            raise RuntimeError("FeatureSqueezing is not calibrated: call calibrate() or load a calibrated file")
 
     def margin(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``score / threshold`` ``[B]``: ``> 1`` exactly where the input is rejected."""
-        if not self.calibrated:
-            raise RuntimeError("FeatureSqueezing is not calibrated: call calibrate() or load a calibrated file")
+        self._check_calibrated()
         return self.score(x) / self.threshold.clamp_min(1e-12)
+
+    def labels_and_margins(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(the classifier's labels [B], margins [B])``, sharing the classifier's forward on ``x``."""
+        self._check_calibrated()
+        check_images(x)
+        logits = self._logits(x)
+        return logits.argmax(1), self._score(x, logits) / self.threshold.clamp_min(1e-12)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``BoolTensor[B]``: ``True`` = rejected as adversarial."""
