@@ -217,6 +217,35 @@ class Classifier(nn.Module):
             self.train(was_training)
 
 
+class UsesClassifier:
+    """Mixin for a detector layer that reads the pipeline's classifier without owning it
+    (Feature Squeezing, MagNet): :class:`~mixdefense.pipeline.MixDefense` calls :meth:`bind`.
+    The classifier is kept in a list, so it is not a submodule and not in the layer's ``state_dict``."""
+
+    _classifier: list[nn.Module]
+
+    def bind(self, classifier: nn.Module):
+        """Use ``classifier`` (images in ``[0, 1]`` → logits)."""
+        self._classifier = [classifier]
+        return self
+
+    @property
+    def classifier(self) -> nn.Module:
+        if not getattr(self, "_classifier", None):
+            raise RuntimeError(f"{type(self).__name__} has no classifier: bind(classifier) first (MixDefense does it)")
+        return self._classifier[0]
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits on ``x`` in eval mode (its mode is restored)."""
+        clf = self.classifier
+        was_training = clf.training
+        clf.eval()
+        try:
+            return clf(x)
+        finally:
+            clf.train(was_training)
+
+
 def num_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mixdefense.classifiers import UsesClassifier
 from mixdefense.contranet import or_calibrate
 from mixdefense.io import (
     atomic_torch_save,
@@ -119,7 +120,7 @@ class MagNetCalibration:
         return asdict(self)
 
 
-class MagNet(nn.Module):
+class MagNet(UsesClassifier, nn.Module):
     """MagNet's detectors and reformer around a trained autoencoder (see the module docstring)."""
 
     kind = "post"
@@ -136,20 +137,9 @@ class MagNet(nn.Module):
         self.detectors = list(detectors)
         self.register_buffer("thresholds", torch.full((len(detectors),), float("nan")))
         self.calibration: MagNetCalibration | None = None
-        self._classifier: list[nn.Module] = []
+        self._classifier: list[nn.Module] = []  # see UsesClassifier
         if classifier is not None:
             self.bind(classifier)
-
-    def bind(self, classifier: nn.Module) -> MagNet:
-        """Use ``classifier`` for the ``jsd`` detectors and the reformed labels."""
-        self._classifier = [classifier]
-        return self
-
-    @property
-    def classifier(self) -> nn.Module:
-        if not self._classifier:
-            raise RuntimeError("MagNet has no classifier: bind(classifier) first (MixDefense does it)")
-        return self._classifier[0]
 
     @property
     def calibrated(self) -> bool:
@@ -159,15 +149,6 @@ class MagNet(nn.Module):
         """The reformer: ``AE(x)``, same shape, in ``[0, 1]``."""
         check_images(x, channels=self.autoencoder.config["in_channels"])
         return self.autoencoder(x)
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        clf = self.classifier
-        was_training = clf.training
-        clf.eval()
-        try:
-            return clf(x)
-        finally:
-            clf.train(was_training)
 
     def _scores(self, x: torch.Tensor, need_rec_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(scores [B, D], the classifier's logits on AE(x) or None)``: one AE pass, each logit pass at most once."""

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mixdefense.classifiers import UsesClassifier
 from mixdefense.io import atomic_torch_save, load_tagged
 from mixdefense.validation import check_images
 
@@ -99,7 +100,7 @@ class SqueezeCalibration:
         return asdict(self)
 
 
-class FeatureSqueezing(nn.Module):
+class FeatureSqueezing(UsesClassifier, nn.Module):
     """The Feature Squeezing detector (see the module docstring).
 
     Args:
@@ -120,33 +121,13 @@ class FeatureSqueezing(nn.Module):
         self.squeezers = list(squeezers)
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.calibration: SqueezeCalibration | None = None
-        self._classifier: list[nn.Module] = []  # a list, so the pipeline's classifier is not a submodule
+        self._classifier: list[nn.Module] = []  # see UsesClassifier
         if classifier is not None:
             self.bind(classifier)
-
-    def bind(self, classifier: nn.Module) -> FeatureSqueezing:
-        """Use ``classifier`` (images in ``[0, 1]`` → logits) for the softmax comparisons."""
-        self._classifier = [classifier]
-        return self
-
-    @property
-    def classifier(self) -> nn.Module:
-        if not self._classifier:
-            raise RuntimeError("FeatureSqueezing has no classifier: bind(classifier) first (MixDefense does it)")
-        return self._classifier[0]
 
     @property
     def calibrated(self) -> bool:
         return bool(torch.isfinite(self.threshold))
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        clf = self.classifier
-        was_training = clf.training
-        clf.eval()
-        try:
-            return clf(x)
-        finally:
-            clf.train(was_training)
 
     def _score(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """The score of ``x`` given the classifier's ``logits`` on it (one forward per squeezer)."""
