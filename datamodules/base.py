@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -44,6 +45,17 @@ class ImageTensorDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.images[i].float().div_(255.0), self.labels[i]
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize ``uint8 [N, C, H, W]`` images to ``size × size`` (bilinear, antialiased)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for chunk in images.split(4096):
+        f = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(f.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
 
 
 def random_translate(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torchvision
 
-from datamodules.base import ImageDataModule
+from datamodules.base import ImageDataModule, resize_uint8
 
 _FOLDER = "cifar-10-batches-py"
 _TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -37,13 +37,24 @@ def read_cifar_batches(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class CIFAR10DataModule(ImageDataModule):
-    """CIFAR-10 under ``<data_root>/cifar-10-batches-py`` (see module docstring)."""
+    """CIFAR-10 under ``<data_root>/cifar-10-batches-py`` (see module docstring).
+
+    Args:
+        image_size: 32 (native) or another side length (bilinear resize at load time), as for
+            MNIST and GTSRB, so every datamodule takes the same arguments.
+        (the rest: see :class:`~datamodules.base.ImageDataModule`)
+    """
 
     name = "cifar10"
     num_classes = 10
     in_channels = 3
-    image_size = 32
     hflip = True
+
+    def __init__(self, *args, image_size: int = 32, **kwargs):
+        super().__init__(*args, **kwargs)
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8, got {image_size}")
+        self.image_size = image_size
 
     def expected_files(self) -> list[Path]:
         return [self.data_root / _FOLDER / f for f in _TRAIN + _TEST]
@@ -53,4 +64,5 @@ class CIFAR10DataModule(ImageDataModule):
 
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         names = _TRAIN if train else _TEST
-        return read_cifar_batches([self.data_root / _FOLDER / n for n in names])
+        images, labels = read_cifar_batches([self.data_root / _FOLDER / n for n in names])
+        return resize_uint8(images, self.image_size), labels

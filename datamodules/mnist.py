@@ -4,24 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 import torchvision
 
-from datamodules.base import ImageDataModule
+from datamodules.base import ImageDataModule, resize_uint8
 
 _RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-
-
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize ``uint8 [N, C, H, W]`` images to ``size × size`` (bilinear, antialiased)."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    out = []
-    for chunk in images.split(4096):
-        f = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(f.round_().clamp_(0, 255).to(torch.uint8))
-    return torch.cat(out)
 
 
 class MNISTDataModule(ImageDataModule):

@@ -50,10 +50,23 @@ def test_split_is_seeded_and_disjoint(data_root):
     assert len(a.data_train) == 1800 and len(a.data_val) == 200
 
 
-def test_gtsrb_resize_option(data_root):
-    dm = GTSRBDataModule(data_root=str(data_root), image_size=24, test_subset=10)
+@pytest.mark.parametrize("cls", [MNISTDataModule, CIFAR10DataModule, GTSRBDataModule])
+def test_every_datamodule_takes_image_size(data_root, cls):
+    """Tools pass ``image_size`` to whichever datamodule they load (the CIFAR-10 cGAN evaluation once broke here)."""
+    dm = cls(data_root=str(data_root), image_size=24, test_subset=10)
     dm.setup("test")
-    assert dm.data_test.images.shape == (10, 3, 24, 24)
+    assert dm.data_test.images.shape == (10, cls.in_channels, 24, 24)
+    assert dm.data_test.images.dtype == torch.uint8
+    with pytest.raises(ValueError, match="image_size"):
+        cls(data_root=str(data_root), image_size=4)
+
+
+def test_load_images_at_native_size_for_every_dataset(data_root):
+    from mixdefense.cli import load_images
+
+    for name, channels, side in (("mnist", 1, 28), ("cifar10", 3, 32), ("gtsrb", 3, 32)):
+        x, y = load_images(name, "test", 4, data_root=str(data_root), image_size=side)
+        assert x.shape == (4, channels, side, side) and y.shape == (4,)
 
 
 @pytest.mark.parametrize("cls", [MNISTDataModule, CIFAR10DataModule, GTSRBDataModule])
