@@ -83,7 +83,8 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Base datamodule: subclasses implement :meth:`load_split` and :meth:`expected_files`.
+    """Base datamodule: subclasses set ``name``, ``num_classes``, ``in_channels``, ``default_image_size``
+    and implement :meth:`load_split` and :meth:`expected_files`.
 
     Args:
         data_root: folder holding the dataset in torchvision's layout; default
@@ -96,12 +97,15 @@ class ImageDataModule(pl.LightningDataModule):
         augment: apply random translation (and flip, where the dataset allows) to training batches.
         translate: maximal shift in pixels of the random translation.
         train_subset / test_subset: keep only the first N images of a split (quick runs, tests).
+        image_size: side length ``H = W`` of the images, in pixels; ``None`` keeps the dataset's
+            :attr:`default_image_size` (its native size for MNIST and CIFAR-10), another value
+            resizes at load time (bilinear, antialiased).
     """
 
     name: str = ""
     num_classes: int = 0
     in_channels: int = 0
-    image_size: int = 0
+    default_image_size: int = 0
     hflip: bool = False
 
     def __init__(
@@ -116,8 +120,12 @@ class ImageDataModule(pl.LightningDataModule):
         translate: int = 2,
         train_subset: int | None = None,
         test_subset: int | None = None,
+        image_size: int | None = None,
     ):
         super().__init__()
+        image_size = self.default_image_size if image_size is None else image_size
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 1:
@@ -139,6 +147,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.translate = translate
         self.train_subset = train_subset
         self.test_subset = test_subset
+        self.image_size = image_size
         self.data_train: ImageTensorDataset | None = None
         self.data_val: ImageTensorDataset | None = None
         self.data_test: ImageTensorDataset | None = None
@@ -153,7 +162,7 @@ class ImageDataModule(pl.LightningDataModule):
         raise NotImplementedError
 
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(images uint8 [N, C, H, W], labels int64 [N])`` of the train or test split."""
+        """Return ``(images uint8 [N, C, image_size, image_size], labels int64 [N])`` of the train or test split."""
         raise NotImplementedError
 
     # -- shared -------------------------------------------------------------------------

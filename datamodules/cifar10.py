@@ -37,24 +37,16 @@ def read_cifar_batches(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class CIFAR10DataModule(ImageDataModule):
-    """CIFAR-10 under ``<data_root>/cifar-10-batches-py`` (see module docstring).
+    """CIFAR-10 under ``<data_root>/cifar-10-batches-py`` (see module docstring; 32×32 native, ``image_size`` resizes).
 
-    Args:
-        image_size: 32 (native) or another side length (bilinear resize at load time), as for
-            MNIST and GTSRB, so every datamodule takes the same arguments.
-        (the rest: see :class:`~datamodules.base.ImageDataModule`)
+    Args: see :class:`~datamodules.base.ImageDataModule`.
     """
 
     name = "cifar10"
     num_classes = 10
     in_channels = 3
+    default_image_size = 32
     hflip = True
-
-    def __init__(self, *args, image_size: int = 32, **kwargs):
-        super().__init__(*args, **kwargs)
-        if image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {image_size}")
-        self.image_size = image_size
 
     def expected_files(self) -> list[Path]:
         return [self.data_root / _FOLDER / f for f in _TRAIN + _TEST]

@@ -20,18 +20,16 @@ from datamodules.base import ImageDataModule
 
 
 class GTSRBDataModule(ImageDataModule):
-    """GTSRB resized to ``image_size`` (default 32).  No horizontal flip: signs are not symmetric."""
+    """GTSRB, every image resized to ``image_size`` (default 32; the originals are 15–250 px).
+
+    No horizontal flip: signs are not symmetric.  Args: see :class:`~datamodules.base.ImageDataModule`.
+    """
 
     name = "gtsrb"
     num_classes = 43
     in_channels = 3
+    default_image_size = 32
     hflip = False
-
-    def __init__(self, *args, image_size: int = 32, **kwargs):
-        super().__init__(*args, **kwargs)
-        if image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {image_size}")
-        self.image_size = image_size
 
     @property
     def base(self) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torchvision
 
 from datamodules.base import ImageDataModule, resize_uint8
@@ -12,23 +13,16 @@ _RAW = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-
 
 
 class MNISTDataModule(ImageDataModule):
-    """MNIST in torchvision's layout: ``<data_root>/MNIST/raw/*-ubyte``.
+    """MNIST in torchvision's layout: ``<data_root>/MNIST/raw/*-ubyte`` (28×28 native; ``image_size`` resizes).
 
-    Args:
-        image_size: 28 (native) or another side length (bilinear resize at load time).
-        (the rest: see :class:`~datamodules.base.ImageDataModule`)
+    Args: see :class:`~datamodules.base.ImageDataModule`.
     """
 
     name = "mnist"
     num_classes = 10
     in_channels = 1
+    default_image_size = 28
     hflip = False  # digits are not mirror-symmetric
-
-    def __init__(self, *args, image_size: int = 28, **kwargs):
-        super().__init__(*args, **kwargs)
-        if image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {image_size}")
-        self.image_size = image_size
 
     def expected_files(self) -> list[Path]:
         return [self.data_root / "MNIST" / "raw" / f for f in _RAW]

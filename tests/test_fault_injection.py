@@ -286,7 +286,7 @@ def _fake_datamodule(images, labels):
     from datamodules.base import ImageDataModule
 
     class Fake(ImageDataModule):
-        name, num_classes, in_channels, image_size = "fake", 10, 1, 8
+        name, num_classes, in_channels, default_image_size = "fake", 10, 1, 8
 
         def expected_files(self):
             return []

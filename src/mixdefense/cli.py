@@ -26,7 +26,7 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
     ``split="val"`` takes the first ``n`` images of the validation split the training
     configs hold out (``val_fraction=0.1``, seed 0: never trained on);
     ``split="test"`` takes the first ``n`` test images (all when ``n`` is None).
-    ``image_size`` resizes (MNIST, GTSRB) where the datamodule offers it.
+    ``image_size`` resizes (every datamodule takes it; None keeps the dataset's default size).
     """
     import torch
 
