@@ -72,6 +72,7 @@ from mixdefense.metrics import (
 )
 from mixdefense.pipeline import load_detector
 from mixdefense.plots import budget_curves
+from mixdefense.splits import check_disjoint_from_holdout
 
 LINF_UNIT = 255.0
 COMPOSITE = "mixdefense"
@@ -142,6 +143,12 @@ class MixDefenseEvaluation(pl.LightningModule):
         self.clean_rows = CatMetric(nan_strategy="disable")  # [correct, margins (L)]
         self.baseline_rows = CatMetric(nan_strategy="disable")  # BASELINE_WIDTH columns
         self.baseline_clean_rows = CatMetric(nan_strategy="disable")  # [baseline, correct, margin]
+
+    def on_test_start(self) -> None:
+        """Refuse to evaluate on test images that the bundle's calibration hold-out took (``mixdefense.splits``)."""
+        data = getattr(getattr(self.trainer, "datamodule", None), "data_test", None)
+        if data is not None:
+            check_disjoint_from_holdout(getattr(self.detector, "record", {}).get("contranet_calibration", {}), len(data))
 
     def _attack_kwargs(self, name: str) -> dict:
         return {k: v for k, v in self.hparams.attacks[name].items() if k not in ("budgets", "bins")}

@@ -3,7 +3,12 @@
 Per batch of clean ``(x, y)``: the frozen reconstructor gives ``R(x, y)`` and ``R(x, y′)`` for
 ``negatives_per_image`` distinct wrong labels ``y′`` (:mod:`mixdefense.triplets`); anchors
 ``M(x)``, references ``M(R(·))``; a PML ``TripletMarginMiner`` + ``TripletMarginLoss``.
-``anchor_noise`` adds uniform noise ``U(−a, a)``, ``a ~ U(0, anchor_noise)``, to the anchors
+With ``confusable_negatives = k > 0`` and a ``classifier``, ``k`` of each image's wrong labels are
+drawn among the ``confusable_top_k`` wrong labels the classifier scores highest for the clean
+image (:func:`mixdefense.triplets.sample_confusable_labels`): hard negatives in label space,
+the classes that differ from the image's in details, which uniform labels on many classes
+rarely pick; the validation then also logs ``val/auroc_confusable`` (the classifier's top wrong
+label as the negative).  ``anchor_noise`` adds uniform noise ``U(−a, a)``, ``a ~ U(0, anchor_noise)``, to the anchors
 (a clean image with a little noise is still clean: it keeps M from keying on pixel-exact
 detail that any perturbation would change).
 
@@ -21,11 +26,18 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from mixdefense.classifiers import load_classifier
 from mixdefense.metrics import detection_auroc
 from mixdefense.nets.cgan import load_cgan
 from mixdefense.nets.metric import EmbeddingNet
 from mixdefense.plots import score_histograms
-from mixdefense.triplets import TripletObjective, embedding_distance, reconstruction_references, sample_wrong_labels
+from mixdefense.triplets import (
+    TripletObjective,
+    embedding_distance,
+    reconstruction_references,
+    sample_confusable_labels,
+    sample_wrong_labels,
+)
 
 
 class MetricModule(pl.LightningModule):
@@ -37,12 +49,16 @@ class MetricModule(pl.LightningModule):
         margin, distance, miner, miner_margin: the triplet objective (:class:`mixdefense.triplets.TripletObjective`).
         negatives_per_image: wrong-label reconstructions per image (``num_classes − 1``: all).
         anchor_noise: maximal amplitude of the uniform noise on anchors (0: none).
+        classifier: path of the dataset's classifier (``artifacts/<ds>/classifier.pt``) for confusable negatives.
+        confusable_negatives: how many of the ``negatives_per_image`` come from the classifier's
+            ``confusable_top_k`` highest-scoring wrong labels (0: all uniform).
         lr, weight_decay: AdamW, cosine-annealed per step over the trainer's planned steps.
     """
 
     def __init__(self, cgan: str, embedding_dim: int = 12, arch: str = "cnn", channels: tuple[int, ...] = (32, 64, 128),
                  margin: float = 0.7, distance: str = "l2", miner: str = "all", miner_margin: float | None = None,
-                 negatives_per_image: int = 9, anchor_noise: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4):
+                 negatives_per_image: int = 9, anchor_noise: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 classifier: str | None = None, confusable_negatives: int = 0, confusable_top_k: int = 5):
         super().__init__()
         if not Path(cgan).exists():
             raise FileNotFoundError(f"cGAN not found: {cgan} (train it first: make train-cgan DATASET=...)")
@@ -51,9 +67,18 @@ class MetricModule(pl.LightningModule):
         self.num_classes = self.reconstructor.num_classes
         if not 1 <= negatives_per_image <= self.num_classes - 1:
             raise ValueError(f"negatives_per_image must be in [1, {self.num_classes - 1}], got {negatives_per_image}")
+        if confusable_negatives and classifier is None:
+            raise ValueError("confusable_negatives needs the dataset's classifier (classifier: artifacts/<ds>/classifier.pt)")
+        if not 0 <= confusable_negatives <= min(negatives_per_image, confusable_top_k):
+            raise ValueError(f"confusable_negatives must be in [0, min(negatives_per_image, confusable_top_k)], "
+                             f"got {confusable_negatives}")
+        if classifier is not None and not Path(classifier).exists():
+            raise FileNotFoundError(f"classifier not found: {classifier} (make train-classifier DATASET=...)")
+        # frozen and not a registered submodule: not in M's checkpoint weights, never trained
+        self._classifier = [load_classifier(classifier).requires_grad_(False).eval()] if classifier else []
         self.metric = EmbeddingNet(self.reconstructor.in_channels, embedding_dim, arch, channels)
         self.objective = TripletObjective(margin, distance, miner, miner_margin)
-        self._val: dict[str, list[torch.Tensor]] = {"pos": [], "neg": []}
+        self._val: dict[str, list[torch.Tensor]] = {"pos": [], "neg": [], "neg_confusable": []}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -67,10 +92,23 @@ class MetricModule(pl.LightningModule):
         amp = torch.rand(x.shape[0], 1, 1, 1, device=x.device) * a
         return (x + amp * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
 
+    @torch.no_grad()
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        clf = self._classifier[0].to(x.device)
+        return clf(x)
+
+    def _wrong_labels(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        k = self.hparams.confusable_negatives
+        if not k:
+            return None
+        return sample_confusable_labels(self._logits(x), y, self.hparams.negatives_per_image, k,
+                                        self.hparams.confusable_top_k)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         refs, ref_labels = reconstruction_references(self.reconstructor, x, y, self.num_classes,
-                                                     self.hparams.negatives_per_image)
+                                                     self.hparams.negatives_per_image,
+                                                     wrong_labels=self._wrong_labels(x, y))
         emb = self.metric(torch.cat([self._anchors(x), refs]))
         stats = self.objective(emb[: len(y)], y, emb[len(y):], ref_labels)
         if not torch.isfinite(stats.loss):
@@ -94,9 +132,12 @@ class MetricModule(pl.LightningModule):
         d_pos, d_neg = self.pair_distances(x, y, y_wrong)
         self._val["pos"].append(d_pos.cpu())
         self._val["neg"].append(d_neg.cpu())
+        if self._classifier:
+            y_top = sample_confusable_labels(self._logits(x), y, 1, 1, 1)[:, 0]  # the top wrong label
+            self._val["neg_confusable"].append(self.pair_distances(x, y, y_top)[1].cpu())
 
     def on_validation_epoch_start(self):
-        self._val = {"pos": [], "neg": []}
+        self._val = {"pos": [], "neg": [], "neg_confusable": []}
 
     def on_validation_epoch_end(self):
         if not self._val["pos"]:
@@ -105,6 +146,9 @@ class MetricModule(pl.LightningModule):
         auroc = detection_auroc(pos, neg)
         self.log_dict({"val/auroc": auroc, "val/d_pos": pos.mean().item(), "val/d_neg": neg.mean().item()},
                       prog_bar=True, sync_dist=True)
+        if self._val["neg_confusable"]:
+            self.log("val/auroc_confusable", detection_auroc(pos, torch.cat(self._val["neg_confusable"])),
+                     prog_bar=True, sync_dist=True)
         if self.trainer.sanity_checking:
             return
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "hist"

@@ -131,7 +131,7 @@ def test_metric_trains_exports_and_contranet_evaluates_end_to_end(data_root, tmp
     assert main(["contranet", "evaluate", "--dataset", "mnist", "--num-images", "40", "--calibration-images", "40",
                  "--eps", "8", "--attacks", "fgsm", "--min-successes", "1", "--wrong-labels", "1"]) == 0
     report = json.loads((tmp_path / "results/mnist/contranet/contranet_eval.json").read_text())
-    assert set(report["label_auroc"]) == {"metric", "l2", "ssim", "metric+ssim"}
+    assert set(report["label_auroc"]) == set(report["label_auroc_confusable"]) == {"metric", "l2", "ssim", "metric+ssim"}
     assert all(c["achieved_frr"] <= 0.05 for c in report["calibration"].values())
     assert {r["defense"] for r in report["attacks"]} == set(report["label_auroc"])
     assert (tmp_path / "results/mnist/contranet/label_scores.png").is_file()

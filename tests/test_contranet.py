@@ -8,7 +8,13 @@ import torch.nn as nn
 
 from mixdefense.contranet import ContraNet, load_contranet, or_calibrate, save_contranet
 from mixdefense.nets import EmbeddingNet, Reconstructor, load_metric, save_metric
-from mixdefense.triplets import TripletObjective, embedding_distance, reconstruction_references, sample_wrong_labels
+from mixdefense.triplets import (
+    TripletObjective,
+    embedding_distance,
+    reconstruction_references,
+    sample_confusable_labels,
+    sample_wrong_labels,
+)
 
 
 def tiny_reconstructor(channels: int = 1, classes: int = 10) -> Reconstructor:
@@ -192,3 +198,21 @@ def test_inputs_are_validated():
 def test_inputs_of_another_size_are_resized_to_the_cgan():
     det = ContraNet(tiny_reconstructor(), tiny_metric(), ("l2",))
     assert det.score(torch.rand(3, 1, 14, 14), torch.zeros(3, dtype=torch.long)).shape == (3,)
+
+
+def test_confusable_labels_come_from_the_classifiers_top_wrong_labels_and_never_the_true_one():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 43, generator=g)
+    y = logits.argmax(1)  # the true label scores highest, as on clean training images
+    w = sample_confusable_labels(logits, y, 6, 3, 5, generator=g)
+    assert w.shape == (64, 6) and not (w == y[:, None]).any()
+    assert all(len(set(row.tolist())) == 6 for row in w)  # distinct per image
+    masked = logits.clone()
+    masked[torch.arange(64), y] = -torch.inf
+    top5 = masked.topk(5, dim=1).indices
+    assert all(set(w[i, :3].tolist()) <= set(top5[i].tolist()) for i in range(64))
+    # the true label ranked anywhere: still never sampled
+    y_low = logits.argmin(1)
+    assert not (sample_confusable_labels(logits, y_low, 42, 5, 5, generator=g) == y_low[:, None]).any()
+    with pytest.raises(ValueError, match="n_confusable"):
+        sample_confusable_labels(logits, y, 4, 5, 3)

@@ -103,6 +103,17 @@ def test_evaluation_writes_the_report_and_the_composite_catches_at_least_each_la
             assert r["detection_rate"] == 0.0
 
 
+def test_evaluation_refuses_the_bundles_calibration_holdout(mnist_bundle, tmp_path, data_root, monkeypatch):
+    """A bundle calibrated on the last test images may not be evaluated on them."""
+    from mixdefense.pipeline import load_detector
+
+    monkeypatch.chdir(tmp_path)
+    held = save_bundle(load_detector(mnist_bundle), tmp_path / "held.pt",
+                       contranet_calibration={"split": "holdout", "test_indices": [30, 60]})
+    with pytest.raises(ValueError, match="overlap the calibration hold-out"):
+        main(_test_args(held, tmp_path / "report", data_root))  # the first 40 test images reach index 30
+
+
 def test_baselines_on_the_same_curves(mnist_bundle, tmp_path, data_root, monkeypatch, capsys):
     """Feature Squeezing and MagNet score the bundle's AEs; a robust classifier is attacked on its own.
 

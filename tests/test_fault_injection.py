@@ -326,7 +326,7 @@ def test_a_valid_fake_split_sets_up():
 
 @pytest.mark.parametrize("kwargs,regex", [
     ({"dataset": "svhn", "split": "test"}, "unknown dataset"),
-    ({"dataset": "mnist", "split": "holdout"}, "split must be"),
+    ({"dataset": "mnist", "split": "calibration"}, "split must be"),
     ({"dataset": "mnist", "split": "test", "n": 0}, "n must be"),
     ({"dataset": "mnist", "split": "test", "n": -3}, "n must be"),
 ], ids=["dataset", "split", "n=0", "n<0"])

@@ -38,6 +38,18 @@ def test_one_step_updates_the_metric_net_and_never_the_cgan(tmp_path):
     assert 0.0 <= float(metrics["train/active"]) <= 1.0 and float(metrics["train/mined"]) >= 0
 
 
+def test_confusable_negatives_use_the_classifier_and_log_their_auroc(tmp_path):
+    from mixdefense.classifiers import Classifier, save_classifier
+
+    clf = save_classifier(Classifier("lenet", 10, 1, 16), tmp_path / "clf.pt")
+    module = _module(tmp_path, classifier=str(clf), confusable_negatives=2, confusable_top_k=4)
+    trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, _loader(), _loader())
+    assert 0.0 <= float(trainer.callback_metrics["val/auroc_confusable"]) <= 1.0
+    assert not any(k.startswith("_classifier") for k in module.state_dict())  # frozen, never saved with M
+
+
 def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-cgan"):
         MetricModule(str(tmp_path / "missing.pt"))
@@ -45,4 +57,8 @@ def test_bad_settings_are_clear_errors(tmp_path):
         MetricModule(str(_save_tiny(tmp_path)), negatives_per_image=10)
     with pytest.raises(ValueError, match="miner"):
         MetricModule(str(_save_tiny(tmp_path)), miner="hardest")
+    with pytest.raises(ValueError, match="classifier"):
+        MetricModule(str(_save_tiny(tmp_path)), confusable_negatives=2)
+    with pytest.raises(ValueError, match="confusable_negatives"):
+        MetricModule(str(_save_tiny(tmp_path)), negatives_per_image=3, confusable_negatives=4, classifier="x")
 

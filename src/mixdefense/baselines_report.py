@@ -26,6 +26,7 @@ import torch
 from mixdefense.classifiers import load_classifier
 from mixdefense.io import atomic_write_text
 from mixdefense.magnet import MagNet, load_autoencoder, save_magnet
+from mixdefense.splits import check_disjoint_from_holdout
 from mixdefense.squeezing import FeatureSqueezing, save_squeezing
 
 #: Squeezers per dataset (Xu et al.: 1-bit depth + 2×2 median for MNIST; 5-bit + 2×2 median for colour).
@@ -45,12 +46,21 @@ def _accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 
 
 def calibrate_baselines(dataset: str, parts: Path, load_images: Callable, frr: float, calibration_images: int,
-                        test_images: int) -> dict:
-    """Calibrate and save the baseline layers of ``dataset``; the report as a dict."""
+                        test_images: int, calibration_split: str = "val",
+                        calibration_source: Callable[[str, str, int], dict] | None = None) -> dict:
+    """Calibrate and save the baseline layers of ``dataset``; the report as a dict.
+
+    ``calibration_split`` is ``"val"`` or ``"holdout"`` (the last test images, see
+    :mod:`mixdefense.splits`; ``calibration_source`` then records their indices and the
+    clean checks on the first ``test_images`` must stay clear of them).
+    """
     classifier = load_classifier(parts / "classifier.pt")
-    x_val, _ = load_images(dataset, "val", calibration_images)
+    x_val, _ = load_images(dataset, calibration_split, calibration_images)
+    source = calibration_source(dataset, calibration_split, len(x_val)) if calibration_source else {"split": calibration_split}
+    check_disjoint_from_holdout(source, test_images)
     x_test, y_test = load_images(dataset, "test", test_images)
-    report: dict = {"dataset": dataset, "target_frr": frr, "calibration_images": len(x_val), "test_images": len(x_test),
+    report: dict = {"dataset": dataset, "target_frr": frr, "calibration_images": len(x_val), "calibration_source": source,
+                    "test_images": len(x_test),
                     "classifier_test_accuracy": _accuracy(lambda x: classifier(x).argmax(1), x_test, y_test)}
 
     fs = FeatureSqueezing(SQUEEZERS[dataset], classifier)
@@ -76,14 +86,16 @@ def calibrate_baselines(dataset: str, parts: Path, load_images: Callable, frr: f
     return report
 
 
-def main(argv: list[str], load_images: Callable) -> int:
+def main(argv: list[str], load_images: Callable, calibration_source: Callable[[str, str, int], dict] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mixdefense baselines", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     cal = sub.add_parser("calibrate", help="calibrate Feature Squeezing and MagNet on clean validation images")
     cal.add_argument("--dataset", required=True, choices=sorted(SQUEEZERS))
     cal.add_argument("--parts", default=None, help="folder of classifier.pt, magnet_ae.pt (default artifacts/<ds>)")
     cal.add_argument("--frr", type=float, default=0.05, help="target clean false-rejection rate (default 0.05)")
-    cal.add_argument("--calibration-images", type=int, default=2000, help="validation images for the thresholds")
+    cal.add_argument("--calibration-images", type=int, default=2000, help="clean images for the thresholds")
+    cal.add_argument("--calibration-split", choices=("val", "holdout"), default="val",
+                     help="the thresholds' images: the validation split or the last test images (mixdefense.splits)")
     cal.add_argument("--test-images", type=int, default=1000, help="test images for the clean checks")
     cal.add_argument("--out", default=None, help="report folder (default results/<ds>/baselines)")
     args = ap.parse_args(argv)
@@ -91,7 +103,8 @@ def main(argv: list[str], load_images: Callable) -> int:
     if not (parts / "classifier.pt").exists():
         print(f"mixdefense baselines: {parts / 'classifier.pt'} not found (make train-classifier DATASET={args.dataset})")
         return 2
-    report = calibrate_baselines(args.dataset, parts, load_images, args.frr, args.calibration_images, args.test_images)
+    report = calibrate_baselines(args.dataset, parts, load_images, args.frr, args.calibration_images, args.test_images,
+                                 args.calibration_split, calibration_source)
     out = Path(args.out or f"results/{args.dataset}/baselines")
     atomic_write_text(out / "calibration.json", json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

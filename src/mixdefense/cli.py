@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from mixdefense.splits import check_disjoint_from_holdout, holdout_range
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -25,7 +27,11 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
     ``split="train"`` draws ``n`` images of the whole training set in a seeded random order;
     ``split="val"`` takes the first ``n`` images of the validation split the training
     configs hold out (``val_fraction=0.1``, seed 0: never trained on);
-    ``split="test"`` takes the first ``n`` test images (all when ``n`` is None).
+    ``split="test"`` takes the first ``n`` test images (all when ``n`` is None);
+    ``split="holdout"`` takes the *last* ``n`` test images, a calibration hold-out for data
+    whose validation split is not new to the models (GTSRB's random validation images come
+    from the training sequences); evaluations take the first test images, and
+    :func:`holdout_range` says where the hold-out starts so that they can refuse to overlap it.
     ``image_size`` resizes (every datamodule takes it; None keeps the dataset's default size).
     """
     import torch
@@ -49,9 +55,24 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
     elif split == "test":
         dm.setup("test")
         images, labels = dm.data_test.images[:n], dm.data_test.labels[:n]
+    elif split == "holdout":
+        dm.setup("test")
+        start, end = holdout_range(len(dm.data_test.labels), n)
+        images, labels = dm.data_test.images[start:end], dm.data_test.labels[start:end]
     else:
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        raise ValueError(f"split must be 'train', 'val', 'test' or 'holdout', got {split!r}")
     return images.float() / 255, labels
+
+
+def calibration_source(dataset: str, split: str, n: int, data_root: str | None = None) -> dict:
+    """What a calibration record says of its images: the split and, for a hold-out, its test indices."""
+    if split != "holdout":
+        return {"split": split}
+    from datamodules import DATAMODULES
+
+    dm = DATAMODULES[dataset](data_root=data_root, val_fraction=0.0)
+    dm.setup("test")
+    return {"split": split, "test_indices": list(holdout_range(len(dm.data_test.labels), n))}
 
 
 def _saec(argv: list[str]) -> int:
@@ -69,7 +90,7 @@ def _cgan(argv: list[str]) -> int:
 def _contranet(argv: list[str]) -> int:
     from mixdefense import contranet_report
 
-    return contranet_report.main(argv, load_images=load_images)
+    return contranet_report.main(argv, load_images=load_images, calibration_source=calibration_source)
 
 
 def _adaptive(argv: list[str]) -> int:
@@ -81,7 +102,7 @@ def _adaptive(argv: list[str]) -> int:
 def _baselines(argv: list[str]) -> int:
     from mixdefense import baselines_report
 
-    return baselines_report.main(argv, load_images=load_images)
+    return baselines_report.main(argv, load_images=load_images, calibration_source=calibration_source)
 
 
 def _bundle(argv: list[str]) -> int:
@@ -100,19 +121,24 @@ def _bundle(argv: list[str]) -> int:
     ap.add_argument("--out", default=None, help="bundle path (default <parts>/detector.pt)")
     ap.add_argument("--check-images", type=int, default=1000, help="clean test images for the check (0: none)")
     ap.add_argument("--contranet-frr", type=float, default=None,
-                    help="recalibrate ContraNet at this clean false-rejection rate on validation images "
+                    help="recalibrate ContraNet at this clean false-rejection rate on --calibration-split images "
                          "(default: keep contranet.pt's thresholds)")
-    ap.add_argument("--calibration-images", type=int, default=2000, help="validation images for --contranet-frr")
+    ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for --contranet-frr")
+    ap.add_argument("--calibration-split", choices=("val", "holdout"), default="val",
+                    help="where --contranet-frr's images come from: the validation split or the last test images")
     args = ap.parse_args(argv)
     parts = args.parts or f"artifacts/{args.dataset}"
     out = args.out or f"{parts}/detector.pt"
     classifier, contranet = load_classifier(f"{parts}/classifier.pt"), load_contranet(f"{parts}/contranet.pt")
     record = {"dataset": args.dataset, "parts": parts}
     if args.contranet_frr is not None:
-        x_val, _ = load_images(args.dataset, "val", args.calibration_images)
-        record["contranet_calibration"] = contranet.calibrate(x_val, classifier.predict(x_val), args.contranet_frr).as_dict()
+        x_cal, _ = load_images(args.dataset, args.calibration_split, args.calibration_images)
+        record["contranet_calibration"] = {
+            **contranet.calibrate(x_cal, classifier.predict(x_cal), args.contranet_frr).as_dict(),
+            **calibration_source(args.dataset, args.calibration_split, len(x_cal))}
     detector = MixDefense(classifier, [load_saec(f"{parts}/saec.pt"), contranet])
     if args.check_images:
+        check_disjoint_from_holdout(record.get("contranet_calibration", {}), args.check_images)
         x, y = load_images(args.dataset, "test", args.check_images)
         verdict = load_detector(save_bundle(detector, out, **record)).detect(x)
         plain = detector.classifier(x).argmax(1) == y

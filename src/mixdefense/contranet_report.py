@@ -42,9 +42,12 @@ from mixdefense.io import atomic_write_text
 from mixdefense.metrics import detection_auroc
 from mixdefense.nets import load_cgan, load_metric
 from mixdefense.plots import score_histograms
-from mixdefense.triplets import sample_wrong_labels
+from mixdefense.splits import check_disjoint_from_holdout
+from mixdefense.triplets import sample_confusable_labels, sample_wrong_labels
 
 LoadImages = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+#: ``(dataset, split, n) -> record`` of where calibration images came from (``mixdefense.cli.calibration_source``)
+CalibrationSource = Callable[[str, str, int], dict]
 
 #: Score variants compared (name → the scores OR-combined).
 VARIANTS: dict[str, tuple[str, ...]] = {"metric": ("metric",), "l2": ("l2",), "ssim": ("ssim",),
@@ -61,7 +64,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--classifier", help="target classifier (default artifacts/<dataset>/classifier.pt)")
     ap.add_argument("--bundle", help="where to save the calibrated detector (default artifacts/<dataset>/contranet.pt)")
     ap.add_argument("--target-frr", type=float, default=0.05, help="clean false-rejection rate of the thresholds")
-    ap.add_argument("--calibration-images", type=int, default=2000, help="clean validation images for the thresholds")
+    ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for the thresholds")
+    ap.add_argument("--calibration-split", choices=("val", "holdout"), default="val",
+                    help="the thresholds' images: the validation split, or the last test images "
+                         "(a hold-out the evaluated first --num-images never reach; mixdefense.splits)")
     ap.add_argument("--num-images", type=int, default=1000, help="test images for the label AUROC and the attacks")
     ap.add_argument("--wrong-labels", type=int, default=3, help="random wrong labels per test image (label AUROC)")
     ap.add_argument("--eps", type=float, nargs="+", default=[2, 4, 8],
@@ -117,19 +123,25 @@ def build_variants(cgan, metric, x_cal: torch.Tensor, y_cal_pred: torch.Tensor, 
     return full, variants
 
 
-def label_auroc(full: ContraNet, variants: dict[str, ContraNet], x: torch.Tensor, y: torch.Tensor, wrong: int,
-                batch_size: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Per variant, AUROC of score(x, y_true) against score(x, y′) for ``wrong`` random y′ per image."""
+def label_auroc(full: ContraNet, variants: dict[str, ContraNet], x: torch.Tensor, y: torch.Tensor,
+                wrong_sets: dict[str, torch.Tensor], batch_size: int
+                ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """Per set of wrong labels and variant: AUROC of score(x, y_true) against score(x, y′).
+
+    ``wrong_sets`` maps a name to wrong labels ``[B, w]`` (``w`` per image, never the true one).
+    Returns the AUROCs ``{set: {variant: auroc}}`` and the metric scores for a histogram (true
+    labels and the first set's wrong labels).
+    """
     true_tab = full.score_table(x, y, batch_size)
-    y_wrong = sample_wrong_labels(y, full.num_classes, wrong, torch.Generator().manual_seed(0))
-    wrong_tabs = [full.score_table(x, y_wrong[:, j], batch_size) for j in range(wrong)]
-    wrong_tab = {s: torch.cat([t[s] for t in wrong_tabs]) for s in full.scores}
-    out = {}
-    for name, det in variants.items():
-        pos = det.combine({s: true_tab[s] for s in det.scores})
-        neg = det.combine({s: wrong_tab[s] for s in det.scores})
-        out[name] = detection_auroc(pos, neg)
-    return out, {"true label": true_tab["metric"], "wrong labels": wrong_tab["metric"]}
+    out, first = {}, None
+    for set_name, y_wrong in wrong_sets.items():
+        wrong_tabs = [full.score_table(x, y_wrong[:, j], batch_size) for j in range(y_wrong.shape[1])]
+        wrong_tab = {s: torch.cat([t[s] for t in wrong_tabs]) for s in full.scores}
+        first = first or wrong_tab
+        out[set_name] = {name: detection_auroc(det.combine({s: true_tab[s] for s in det.scores}),
+                                               det.combine({s: wrong_tab[s] for s in det.scores}))
+                         for name, det in variants.items()}
+    return out, {"true label": true_tab["metric"], "wrong labels": first["metric"]}
 
 
 def attack_points(args, classifier, table: ScoreTable, variants: dict[str, ContraNet], x: torch.Tensor,
@@ -171,10 +183,15 @@ def _fmt(v: float, pct: bool = True) -> str:
 def markdown_table(result: dict) -> str:
     names = list(VARIANTS)
     lines = [f"# ContraNet on {result['dataset']}: {result['num_images']} test images, thresholds at "
-             f"{100 * result['target_frr']:.0f} % clean false rejection ({result['calibration_images']} validation images)", "",
+             f"{100 * result['target_frr']:.0f} % clean false rejection ({result['calibration_images']} "
+             f"{'hold-out test' if result.get('calibration_source', {}).get('split') == 'holdout' else 'validation'} images)", "",
              "Label AUROC (score with the true label vs with wrong labels):", "",
              "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
              "| " + " | ".join(_fmt(result["label_auroc"][n], False) for n in names) + " |", "",
+             "Label AUROC against the wrong label the classifier scores highest (the class an attack most likely "
+             "reaches):", "",
+             "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+             "| " + " | ".join(_fmt(result.get("label_auroc_confusable", {}).get(n), False) for n in names) + " |", "",
              "Clean false rejection on the test images (predicted labels): "
              + ", ".join(f"{n} {_fmt(result['test_clean_frr'][n])} %" for n in names), "",
              "Attacks (successful AEs from correctly classified test images): detection rate % / AUROC "
@@ -196,7 +213,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(args: argparse.Namespace, load_images: LoadImages) -> dict:
+def evaluate(args: argparse.Namespace, load_images: LoadImages, calibration_source: CalibrationSource) -> dict:
     ds = args.dataset
     cgan = load_cgan(args.cgan or f"artifacts/{ds}/cgan.pt")
     metric = load_metric(args.metric or f"artifacts/{ds}/metric.pt")
@@ -204,23 +221,29 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages) -> dict:
     out = Path(args.out or f"results/{ds}/contranet")
     t0 = time.perf_counter()
 
-    x_cal, _ = load_images(ds, "val", args.calibration_images)
+    x_cal, _ = load_images(ds, args.calibration_split, args.calibration_images)
+    source = calibration_source(ds, args.calibration_split, len(x_cal))
+    check_disjoint_from_holdout(source, args.num_images)
     y_cal = predict(classifier, x_cal)
     full, variants = build_variants(cgan, metric, x_cal, y_cal, args.target_frr, args.batch_size)
     bundle = Path(args.bundle or f"artifacts/{ds}/contranet.pt")
     save_contranet(variants["metric"], bundle, dataset=ds)
 
     x_test, y_test = load_images(ds, "test", args.num_images)
-    aurocs, hist = label_auroc(full, variants, x_test, y_test, args.wrong_labels, args.batch_size)
+    with torch.no_grad():
+        logits = torch.cat([classifier(b) for b in x_test.split(args.batch_size)])
+    wrong_sets = {"random": sample_wrong_labels(y_test, full.num_classes, args.wrong_labels, torch.Generator().manual_seed(0)),
+                  "confusable": sample_confusable_labels(logits, y_test, 1, 1, 1)}  # the classifier's top wrong label
+    aurocs, hist = label_auroc(full, variants, x_test, y_test, wrong_sets, args.batch_size)
     table = ScoreTable(full, classifier, args.batch_size)
     test_frr = {n: float(table.detector(d)(x_test)[0].float().mean()) for n, d in variants.items()}
     x_ok, y_ok = correctly_classified(classifier, x_test, y_test)
     rows = attack_points(args, classifier, table, variants, x_ok, y_ok)
 
     result = {"dataset": ds, "num_images": len(y_test), "correctly_classified": len(y_ok),
-              "calibration_images": len(y_cal), "target_frr": args.target_frr,
+              "calibration_images": len(y_cal), "calibration_source": source, "target_frr": args.target_frr,
               "calibration": {n: d.calibration.as_dict() for n, d in variants.items()},
-              "label_auroc": aurocs, "test_clean_frr": test_frr, "attacks": rows, "bundle": str(bundle),
+              "label_auroc": aurocs["random"], "label_auroc_confusable": aurocs["confusable"], "test_clean_frr": test_frr, "attacks": rows, "bundle": str(bundle),
               "seconds": round(time.perf_counter() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "contranet_eval.json", json.dumps(result, indent=2) + "\n")
@@ -230,9 +253,9 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages) -> dict:
     return result
 
 
-def main(argv: list[str], load_images: LoadImages) -> int:
+def main(argv: list[str], load_images: LoadImages, calibration_source: CalibrationSource) -> int:
     args = parse_args(argv)
-    result = evaluate(args, load_images)
+    result = evaluate(args, load_images, calibration_source)
     print(markdown_table(result))
     print(f"wrote {Path(args.out or f'results/{args.dataset}/contranet')}/contranet_eval.json, contranet_table.md, "
           f"label_scores.png; detector bundle {result['bundle']}")

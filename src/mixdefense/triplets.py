@@ -42,18 +42,49 @@ def sample_wrong_labels(y: torch.Tensor, num_classes: int, n: int, generator: to
     return (y[:, None] + shifts.to(y.device)) % num_classes
 
 
+def sample_confusable_labels(logits: torch.Tensor, y: torch.Tensor, n: int, n_confusable: int, top_k: int,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[B, n]`` distinct wrong labels per row, the first ``n_confusable`` of them *confusable*.
+
+    Confusable labels are drawn at random among the ``top_k`` wrong labels a classifier scores
+    highest for the image (``logits [B, num_classes]``, from clean images): the classes an
+    adversarial example is most likely to be pushed into, whose reconstructions differ from
+    the image in details (a speed limit's digits) rather than in shape and colour.  The other
+    ``n − n_confusable`` labels are uniform among the remaining wrong ones.  Never ``y``.
+    """
+    b, num_classes = logits.shape
+    if not 0 <= n_confusable <= min(n, top_k) or not 1 <= n <= num_classes - 1 or not 1 <= top_k <= num_classes - 1:
+        raise ValueError(f"need 0 <= n_confusable ({n_confusable}) <= min(n ({n}), top_k ({top_k})), "
+                         f"1 <= n, top_k <= num_classes - 1 = {num_classes - 1}")
+    rows = torch.arange(b, device=logits.device)
+    masked = logits.detach().float().clone()
+    masked[rows, y] = -torch.inf
+    top = masked.topk(top_k, dim=1).indices  # [B, k], never y
+    pick = torch.rand(b, top_k, generator=generator, device="cpu").argsort(1)[:, :n_confusable].to(logits.device)
+    confusable = top.gather(1, pick)
+    score = torch.rand(b, num_classes, generator=generator, device="cpu").to(logits.device)
+    score[rows, y] = -1.0  # rand is in [0, 1): masked labels are never among the top
+    score.scatter_(1, confusable, -1.0)
+    return torch.cat([confusable, score.topk(n - n_confusable, dim=1).indices], 1)
+
+
 @torch.no_grad()
 def reconstruction_references(reconstructor: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                              negatives_per_image: int, generator: torch.Generator | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
+                              negatives_per_image: int, generator: torch.Generator | None = None,
+                              wrong_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(references [B·(1+n), C, S, S], labels [B·(1+n)])``: ``R(x, y)`` first, then ``R(x, y′)``.
 
     ``reconstructor`` exposes ``encoder`` (``x → (μ, log σ²)``) and ``generator`` (``(z, y) → image``);
-    the encoder runs once per image.  No gradient flows (the cGAN is frozen).
+    the encoder runs once per image.  No gradient flows (the cGAN is frozen).  The wrong labels
+    are ``wrong_labels [B, n]`` when given (e.g. :func:`sample_confusable_labels`), else uniform.
     """
     mu = reconstructor.encoder(x)[0]
     positives = reconstructor.generator(mu, y)
-    y_neg = sample_wrong_labels(y, num_classes, negatives_per_image, generator).flatten()
+    if wrong_labels is None:
+        wrong_labels = sample_wrong_labels(y, num_classes, negatives_per_image, generator)
+    if wrong_labels.shape != (len(y), negatives_per_image) or (wrong_labels == y[:, None]).any():
+        raise ValueError(f"wrong_labels must be [B, {negatives_per_image}] and never the true label")
+    y_neg = wrong_labels.flatten()
     negatives = reconstructor.generator(mu.repeat_interleave(negatives_per_image, 0), y_neg)
     return torch.cat([positives, negatives]), torch.cat([y, y_neg])
 
