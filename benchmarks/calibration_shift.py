@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"calibration_shift_{ds}.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"classifier accuracy: " + ", ".join(f"{k} {100 * v:.2f} %" for k, v in report["classifier_accuracy"].items()))
+    print("classifier accuracy: " + ", ".join(f"{k} {100 * v:.2f} %" for k, v in report["classifier_accuracy"].items()))
     print("| target FRR | threshold from | test FRR (all) | test FRR (correctly classified) |\n|---|---|---|---|")
     for r in report["rows"]:
         print(f"| {100 * r['target_frr']:g} % | {r['threshold_from']} | {100 * r['test_frr']:.2f} % | "

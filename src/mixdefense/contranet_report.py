@@ -182,14 +182,14 @@ def _fmt(v: float, pct: bool = True) -> str:
 
 def markdown_table(result: dict) -> str:
     names = list(VARIANTS)
-    lines = [f"# ContraNet on {result['dataset']}: {result['num_images']} test images, thresholds at "
-             f"{100 * result['target_frr']:.0f} % clean false rejection ({result['calibration_images']} "
-             f"{'hold-out test' if result.get('calibration_source', {}).get('split') == 'holdout' else 'validation'} images)", "",
+    source = "hold-out test" if result.get("calibration_source", {}).get("split") == "holdout" else "validation"
+    lines = [(f"# ContraNet on {result['dataset']}: {result['num_images']} test images, thresholds at "
+              f"{100 * result['target_frr']:.0f} % clean false rejection ({result['calibration_images']} {source} images)"), "",
              "Label AUROC (score with the true label vs with wrong labels):", "",
              "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
              "| " + " | ".join(_fmt(result["label_auroc"][n], False) for n in names) + " |", "",
-             "Label AUROC against the wrong label the classifier scores highest (the class an attack most likely "
-             "reaches):", "",
+             "Label AUROC against the wrong label the classifier scores highest (the class an attack most likely reaches):",
+             "",
              "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
              "| " + " | ".join(_fmt(result.get("label_auroc_confusable", {}).get(n), False) for n in names) + " |", "",
              "Clean false rejection on the test images (predicted labels): "
