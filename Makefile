@@ -133,7 +133,7 @@ compare: $(STAMP) data
 # (ADAPTIVE_ARGS="--num-images 100 --eps 0.1 0.3 --steps 10" for a quick run; `mixdefense adaptive --help`).
 ADAPTIVE_ARGS ?=
 adaptive: $(STAMP) data
-	$(MD) adaptive --dataset $(DATASET) $(ADAPTIVE_ARGS)
+	$(MD) adaptive --dataset $(DATASET) --calibration-split $(CALIBRATION_SPLIT) $(ADAPTIVE_ARGS)
 
 # The main job: the shipped MNIST detector (SAEC + LeNet + ContraNet) against FGSM, PGD and C&W,
 # three budgets each, on 500 test images; table on screen, figures and example PNGs in results/mnist/mixdefense_quick/.

@@ -14,7 +14,8 @@ Success rates (over all attacked images): against the classifier alone (``f(x_ad
 against each layer alone (``= t`` and that layer accepts), and against the whole MixDefense
 (``= t`` and every layer accepts), always decided by the *real* layers.  ContraNet runs at
 ``--contranet-frr`` clean false rejection (default 5 %, Bryniarski et al.'s operating point;
-recalibrated on validation images when the loaded detector uses another rate).
+recalibrated on ``--calibration-split`` images — the validation split, or the test hold-out of
+:mod:`mixdefense.splits` — when the loaded detector uses another rate or a hold-out is asked).
 
 Then the paper's §6 case studies: (a) targeted FGSM on the cGAN's input (Figure 12) and
 (b) FGSM / PGD on the latent ``z`` (Figure 13), with grids and numbers.
@@ -50,6 +51,7 @@ from mixdefense.attacks import perturbation_norm
 from mixdefense.evaluation import correctly_classified
 from mixdefense.io import atomic_write_text
 from mixdefense.reconstruction import resize_for
+from mixdefense.splits import check_disjoint_from_holdout
 
 LoadImages = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -85,7 +87,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--attacks", nargs="+", default=["pgd", "adaptive", "orthogonal"],
                     choices=["pgd", "adaptive", "orthogonal", "selective"])
     ap.add_argument("--contranet-frr", type=float, default=0.05, help="ContraNet's clean false-rejection rate (recalibrated if needed)")
-    ap.add_argument("--calibration-images", type=int, default=2000, help="validation images for the recalibration")
+    ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for the recalibration")
+    ap.add_argument("--calibration-split", choices=("val", "holdout"), default="val",
+                    help="the recalibration's images: the validation split or the last test images (mixdefense.splits)")
     ap.add_argument("--case-images", type=int, default=100, help="images of the §6 case studies (numbers); 6 go in the grids")
     ap.add_argument("--case-steps", type=int, default=20, help="steps of the case studies' PGD variants (beside the paper's FGSM)")
     ap.add_argument("--seed", type=int, default=0)
@@ -133,13 +137,16 @@ def contranet_layer(detector):
     return layer
 
 
-def ensure_frr(detector, dataset: str, frr: float, n: int, load_images: LoadImages) -> dict:
-    """Recalibrate ContraNet at ``frr`` on validation images unless it already is; returns its calibration record."""
+def ensure_frr(detector, dataset: str, frr: float, n: int, load_images: LoadImages, split: str = "val",
+               calibration_source: Callable[[str, str, int], dict] | None = None) -> dict:
+    """Recalibrate ContraNet at ``frr`` on ``n`` images of ``split`` unless it already is at ``frr``
+    (a hold-out is always recalibrated on); returns its calibration record with its source."""
     cn = contranet_layer(detector)
     cal = cn.calibration
-    if cal is None or abs(cal.target_frr - frr) > 1e-9:
-        x_val, _ = load_images(dataset, "val", n)
-        cal = cn.calibrate(x_val, detector.classifier.predict(x_val), frr)
+    if cal is None or abs(cal.target_frr - frr) > 1e-9 or split != "val":
+        x_cal, _ = load_images(dataset, split, n)
+        cal = cn.calibrate(x_cal, detector.classifier.predict(x_cal), frr)
+        return {**cal.as_dict(), **(calibration_source(dataset, split, len(x_cal)) if calibration_source else {"split": split})}
     return cal.as_dict()
 
 
@@ -310,7 +317,8 @@ def print_table(rows: list[dict], norm: str) -> None:
               f"{r['saec']:>6.3f} {r['contranet']:>6.3f} {r['mixdefense']:>6.3f} {r['max_norm']:>8.4g} {r['seconds']:>6.1f}")
 
 
-def main(argv: list[str], load_images: LoadImages) -> int:
+def main(argv: list[str], load_images: LoadImages,
+         calibration_source: Callable[[str, str, int], dict] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -318,8 +326,11 @@ def main(argv: list[str], load_images: LoadImages) -> int:
     wall = {}
     t0 = time.perf_counter()
     detector, source = load_pipeline(args.dataset, args.bundle)
-    cal = ensure_frr(detector, args.dataset, args.contranet_frr, args.calibration_images, load_images)
-    x_all, y_all = load_images(args.dataset, "test", max(2 * args.num_images, args.num_images + 200))
+    cal = ensure_frr(detector, args.dataset, args.contranet_frr, args.calibration_images, load_images,
+                     args.calibration_split, calibration_source)
+    num_test = max(2 * args.num_images, args.num_images + 200)
+    check_disjoint_from_holdout(cal, num_test)
+    x_all, y_all = load_images(args.dataset, "test", num_test)
     x, y = correctly_classified(detector.classifier, x_all, y_all, args.num_images)
     if len(y) < args.num_images:
         raise RuntimeError(f"only {len(y)} correctly classified images among {len(y_all)} test images")

@@ -96,7 +96,7 @@ def _contranet(argv: list[str]) -> int:
 def _adaptive(argv: list[str]) -> int:
     from mixdefense import adaptive_report
 
-    return adaptive_report.main(argv, load_images=load_images)
+    return adaptive_report.main(argv, load_images=load_images, calibration_source=calibration_source)
 
 
 def _baselines(argv: list[str]) -> int:
