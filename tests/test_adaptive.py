@@ -275,16 +275,13 @@ def test_adaptive_report_writes_its_files(data_root, tmp_path, detector):
 def test_adaptive_recalibrates_on_the_holdout_and_records_it(data_root):
     """``--calibration-split holdout``: ContraNet is recalibrated on the last test images, the record says which."""
     from mixdefense.adaptive_report import ensure_frr
-    from mixdefense.cli import calibration_source, load_images
+    from mixdefense.cli import load_calibration_images
 
     def load(dataset, split, n):
-        return load_images(dataset, split, n, data_root=str(data_root))
-
-    def source(dataset, split, n):
-        return calibration_source(dataset, split, n, data_root=str(data_root))
+        return load_calibration_images(dataset, split, n, data_root=str(data_root))
 
     det = load_detector(MNIST_BUNDLE)  # a fresh copy: ensure_frr recalibrates in place
-    held = ensure_frr(det, "mnist", 0.05, 200, load, "holdout", source)
+    held = ensure_frr(det, "mnist", 0.05, 200, load, "holdout")
     assert held["split"] == "holdout" and held["test_indices"] == [9800, 10000] and held["target_frr"] == 0.05
     same = ensure_frr(det, "mnist", 0.05, 200, load)  # already at 5 %: kept as it is
     assert same["thresholds"] == held["thresholds"] and "split" not in same

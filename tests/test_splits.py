@@ -29,12 +29,14 @@ def test_evaluations_may_not_reach_the_holdout():
 
 
 def test_load_images_holdout_returns_the_last_test_images(data_root):
-    from mixdefense.cli import calibration_source, load_images
+    from mixdefense.cli import load_calibration_images, load_images
 
     x_all, y_all = load_images("mnist", "test", None, data_root=str(data_root))
     x, y = load_images("mnist", "holdout", 7, data_root=str(data_root))
     assert torch.equal(x, x_all[-7:]) and torch.equal(y, y_all[-7:])
     n = len(y_all)
-    assert calibration_source("mnist", "holdout", 7, data_root=str(data_root)) == {
-        "split": "holdout", "test_indices": [n - 7, n]}
-    assert calibration_source("mnist", "val", 7) == {"split": "val"}
+    xc, yc, source = load_calibration_images("mnist", "holdout", 7, data_root=str(data_root))
+    assert torch.equal(xc, x) and torch.equal(yc, y) and source == {"split": "holdout", "test_indices": [n - 7, n]}
+    assert load_calibration_images("mnist", "val", 7, data_root=str(data_root))[2] == {"split": "val"}
+    with pytest.raises(ValueError, match="calibration split"):
+        load_calibration_images("mnist", "test", 7)

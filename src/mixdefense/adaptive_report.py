@@ -137,16 +137,18 @@ def contranet_layer(detector):
     return layer
 
 
-def ensure_frr(detector, dataset: str, frr: float, n: int, load_images: LoadImages, split: str = "val",
-               calibration_source: Callable[[str, str, int], dict] | None = None) -> dict:
+def ensure_frr(detector, dataset: str, frr: float, n: int, load_calibration: Callable, split: str = "val") -> dict:
     """Recalibrate ContraNet at ``frr`` on ``n`` images of ``split`` unless it already is at ``frr``
-    (a hold-out is always recalibrated on); returns its calibration record with its source."""
+    (a hold-out is always recalibrated on); returns its calibration record with its source.
+
+    ``load_calibration(dataset, split, n) -> (x, y, source)`` (``mixdefense.cli.load_calibration_images``).
+    """
     cn = contranet_layer(detector)
     cal = cn.calibration
     if cal is None or abs(cal.target_frr - frr) > 1e-9 or split != "val":
-        x_cal, _ = load_images(dataset, split, n)
+        x_cal, _, source = load_calibration(dataset, split, n)
         cal = cn.calibrate(x_cal, detector.classifier.predict(x_cal), frr)
-        return {**cal.as_dict(), **(calibration_source(dataset, split, len(x_cal)) if calibration_source else {"split": split})}
+        return {**cal.as_dict(), **source}
     return cal.as_dict()
 
 
@@ -317,8 +319,7 @@ def print_table(rows: list[dict], norm: str) -> None:
               f"{r['saec']:>6.3f} {r['contranet']:>6.3f} {r['mixdefense']:>6.3f} {r['max_norm']:>8.4g} {r['seconds']:>6.1f}")
 
 
-def main(argv: list[str], load_images: LoadImages,
-         calibration_source: Callable[[str, str, int], dict] | None = None) -> int:
+def main(argv: list[str], load_images: LoadImages, load_calibration: Callable) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -326,8 +327,8 @@ def main(argv: list[str], load_images: LoadImages,
     wall = {}
     t0 = time.perf_counter()
     detector, source = load_pipeline(args.dataset, args.bundle)
-    cal = ensure_frr(detector, args.dataset, args.contranet_frr, args.calibration_images, load_images,
-                     args.calibration_split, calibration_source)
+    cal = ensure_frr(detector, args.dataset, args.contranet_frr, args.calibration_images, load_calibration,
+                     args.calibration_split)
     num_test = max(2 * args.num_images, args.num_images + 200)
     check_disjoint_from_holdout(cal, num_test)
     x_all, y_all = load_images(args.dataset, "test", num_test)

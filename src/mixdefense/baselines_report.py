@@ -45,18 +45,16 @@ def _accuracy(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         return torch.cat([predict(xb).cpu() for xb in x.split(batch_size)]).eq(y).float().mean().item()
 
 
-def calibrate_baselines(dataset: str, parts: Path, load_images: Callable, frr: float, calibration_images: int,
-                        test_images: int, calibration_split: str = "val",
-                        calibration_source: Callable[[str, str, int], dict] | None = None) -> dict:
+def calibrate_baselines(dataset: str, parts: Path, load_calibration: Callable, load_images: Callable, frr: float,
+                        calibration_images: int, test_images: int, calibration_split: str = "val") -> dict:
     """Calibrate and save the baseline layers of ``dataset``; the report as a dict.
 
     ``calibration_split`` is ``"val"`` or ``"holdout"`` (the last test images, see
-    :mod:`mixdefense.splits`; ``calibration_source`` then records their indices and the
-    clean checks on the first ``test_images`` must stay clear of them).
+    :mod:`mixdefense.splits`: the clean checks on the first ``test_images`` must stay clear of them);
+    ``load_calibration(dataset, split, n) -> (x, y, source)`` (``mixdefense.cli.load_calibration_images``).
     """
     classifier = load_classifier(parts / "classifier.pt")
-    x_val, _ = load_images(dataset, calibration_split, calibration_images)
-    source = calibration_source(dataset, calibration_split, len(x_val)) if calibration_source else {"split": calibration_split}
+    x_val, _, source = load_calibration(dataset, calibration_split, calibration_images)
     check_disjoint_from_holdout(source, test_images)
     x_test, y_test = load_images(dataset, "test", test_images)
     report: dict = {"dataset": dataset, "target_frr": frr, "calibration_images": len(x_val), "calibration_source": source,
@@ -86,7 +84,7 @@ def calibrate_baselines(dataset: str, parts: Path, load_images: Callable, frr: f
     return report
 
 
-def main(argv: list[str], load_images: Callable, calibration_source: Callable[[str, str, int], dict] | None = None) -> int:
+def main(argv: list[str], load_calibration: Callable, load_images: Callable) -> int:
     ap = argparse.ArgumentParser(prog="mixdefense baselines", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     cal = sub.add_parser("calibrate", help="calibrate Feature Squeezing and MagNet on clean validation images")
@@ -103,8 +101,8 @@ def main(argv: list[str], load_images: Callable, calibration_source: Callable[[s
     if not (parts / "classifier.pt").exists():
         print(f"mixdefense baselines: {parts / 'classifier.pt'} not found (make train-classifier DATASET={args.dataset})")
         return 2
-    report = calibrate_baselines(args.dataset, parts, load_images, args.frr, args.calibration_images, args.test_images,
-                                 args.calibration_split, calibration_source)
+    report = calibrate_baselines(args.dataset, parts, load_calibration, load_images, args.frr, args.calibration_images,
+                                 args.test_images, args.calibration_split)
     out = Path(args.out or f"results/{args.dataset}/baselines")
     atomic_write_text(out / "calibration.json", json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

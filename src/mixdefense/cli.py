@@ -24,6 +24,8 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
                 image_size: int | None = None):
     """``(x float [N, C, H, W] in [0, 1], y int64 [N])`` of a dataset split, via its datamodule.
 
+    See :func:`load_calibration_images` for the same images with a record of where they came from.
+
     ``split="train"`` draws ``n`` images of the whole training set in a seeded random order;
     ``split="val"`` takes the first ``n`` images of the validation split the training
     configs hold out (``val_fraction=0.1``, seed 0: never trained on);
@@ -34,6 +36,22 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
     :func:`holdout_range` says where the hold-out starts so that they can refuse to overlap it.
     ``image_size`` resizes (every datamodule takes it; None keeps the dataset's default size).
     """
+    x, y, _ = _load_split(dataset, split, n, seed, data_root, image_size)
+    return x, y
+
+
+def load_calibration_images(dataset: str, split: str, n: int, data_root: str | None = None):
+    """``(x, y, source)``: ``n`` clean calibration images of ``split`` (``"val"`` or ``"holdout"``).
+
+    ``source`` is the record a calibration keeps of them: ``{"split": "val"}`` or
+    ``{"split": "holdout", "test_indices": [start, end]}`` (:mod:`mixdefense.splits`).
+    """
+    if split not in ("val", "holdout"):
+        raise ValueError(f"calibration split must be 'val' or 'holdout', got {split!r}")
+    return _load_split(dataset, split, n, 0, data_root, None)
+
+
+def _load_split(dataset: str, split: str, n: int | None, seed: int, data_root: str | None, image_size: int | None):
     import torch
 
     from datamodules import DATAMODULES
@@ -59,20 +77,10 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
         dm.setup("test")
         start, end = holdout_range(len(dm.data_test.labels), n)
         images, labels = dm.data_test.images[start:end], dm.data_test.labels[start:end]
+        return images.float() / 255, labels, {"split": split, "test_indices": [start, end]}
     else:
         raise ValueError(f"split must be 'train', 'val', 'test' or 'holdout', got {split!r}")
-    return images.float() / 255, labels
-
-
-def calibration_source(dataset: str, split: str, n: int, data_root: str | None = None) -> dict:
-    """What a calibration record says of its images: the split and, for a hold-out, its test indices."""
-    if split != "holdout":
-        return {"split": split}
-    from datamodules import DATAMODULES
-
-    dm = DATAMODULES[dataset](data_root=data_root, val_fraction=0.0)
-    dm.setup("test")
-    return {"split": split, "test_indices": list(holdout_range(len(dm.data_test.labels), n))}
+    return images.float() / 255, labels, {"split": split}
 
 
 def _saec(argv: list[str]) -> int:
@@ -90,19 +98,19 @@ def _cgan(argv: list[str]) -> int:
 def _contranet(argv: list[str]) -> int:
     from mixdefense import contranet_report
 
-    return contranet_report.main(argv, load_images=load_images, calibration_source=calibration_source)
+    return contranet_report.main(argv, load_images=load_images, load_calibration=load_calibration_images)
 
 
 def _adaptive(argv: list[str]) -> int:
     from mixdefense import adaptive_report
 
-    return adaptive_report.main(argv, load_images=load_images, calibration_source=calibration_source)
+    return adaptive_report.main(argv, load_images=load_images, load_calibration=load_calibration_images)
 
 
 def _baselines(argv: list[str]) -> int:
     from mixdefense import baselines_report
 
-    return baselines_report.main(argv, load_images=load_images, calibration_source=calibration_source)
+    return baselines_report.main(argv, load_calibration=load_calibration_images, load_images=load_images)
 
 
 def _bundle(argv: list[str]) -> int:
@@ -132,10 +140,9 @@ def _bundle(argv: list[str]) -> int:
     classifier, contranet = load_classifier(f"{parts}/classifier.pt"), load_contranet(f"{parts}/contranet.pt")
     record = {"dataset": args.dataset, "parts": parts}
     if args.contranet_frr is not None:
-        x_cal, _ = load_images(args.dataset, args.calibration_split, args.calibration_images)
+        x_cal, _, source = load_calibration_images(args.dataset, args.calibration_split, args.calibration_images)
         record["contranet_calibration"] = {
-            **contranet.calibrate(x_cal, classifier.predict(x_cal), args.contranet_frr).as_dict(),
-            **calibration_source(args.dataset, args.calibration_split, len(x_cal))}
+            **contranet.calibrate(x_cal, classifier.predict(x_cal), args.contranet_frr).as_dict(), **source}
     detector = MixDefense(classifier, [load_saec(f"{parts}/saec.pt"), contranet])
     if args.check_images:
         check_disjoint_from_holdout(record.get("contranet_calibration", {}), args.check_images)

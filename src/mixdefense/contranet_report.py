@@ -46,8 +46,8 @@ from mixdefense.splits import check_disjoint_from_holdout
 from mixdefense.triplets import sample_confusable_labels, sample_wrong_labels
 
 LoadImages = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-#: ``(dataset, split, n) -> record`` of where calibration images came from (``mixdefense.cli.calibration_source``)
-CalibrationSource = Callable[[str, str, int], dict]
+#: ``(dataset, split, n) -> (x, y, source record)`` (``mixdefense.cli.load_calibration_images``)
+LoadCalibration = Callable[[str, str, int], tuple[torch.Tensor, torch.Tensor, dict]]
 
 #: Score variants compared (name → the scores OR-combined).
 VARIANTS: dict[str, tuple[str, ...]] = {"metric": ("metric",), "l2": ("l2",), "ssim": ("ssim",),
@@ -213,7 +213,7 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(args: argparse.Namespace, load_images: LoadImages, calibration_source: CalibrationSource) -> dict:
+def evaluate(args: argparse.Namespace, load_images: LoadImages, load_calibration: LoadCalibration) -> dict:
     ds = args.dataset
     cgan = load_cgan(args.cgan or f"artifacts/{ds}/cgan.pt")
     metric = load_metric(args.metric or f"artifacts/{ds}/metric.pt")
@@ -221,8 +221,7 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages, calibration_sour
     out = Path(args.out or f"results/{ds}/contranet")
     t0 = time.perf_counter()
 
-    x_cal, _ = load_images(ds, args.calibration_split, args.calibration_images)
-    source = calibration_source(ds, args.calibration_split, len(x_cal))
+    x_cal, _, source = load_calibration(ds, args.calibration_split, args.calibration_images)
     check_disjoint_from_holdout(source, args.num_images)
     y_cal = predict(classifier, x_cal)
     full, variants = build_variants(cgan, metric, x_cal, y_cal, args.target_frr, args.batch_size)
@@ -243,7 +242,8 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages, calibration_sour
     result = {"dataset": ds, "num_images": len(y_test), "correctly_classified": len(y_ok),
               "calibration_images": len(y_cal), "calibration_source": source, "target_frr": args.target_frr,
               "calibration": {n: d.calibration.as_dict() for n, d in variants.items()},
-              "label_auroc": aurocs["random"], "label_auroc_confusable": aurocs["confusable"], "test_clean_frr": test_frr, "attacks": rows, "bundle": str(bundle),
+              "label_auroc": aurocs["random"], "label_auroc_confusable": aurocs["confusable"],
+              "test_clean_frr": test_frr, "attacks": rows, "bundle": str(bundle),
               "seconds": round(time.perf_counter() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "contranet_eval.json", json.dumps(result, indent=2) + "\n")
@@ -253,9 +253,9 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages, calibration_sour
     return result
 
 
-def main(argv: list[str], load_images: LoadImages, calibration_source: CalibrationSource) -> int:
+def main(argv: list[str], load_images: LoadImages, load_calibration: LoadCalibration) -> int:
     args = parse_args(argv)
-    result = evaluate(args, load_images, calibration_source)
+    result = evaluate(args, load_images, load_calibration)
     print(markdown_table(result))
     print(f"wrote {Path(args.out or f'results/{args.dataset}/contranet')}/contranet_eval.json, contranet_table.md, "
           f"label_scores.png; detector bundle {result['bundle']}")
