@@ -32,10 +32,20 @@ image (``mixdefense cgan evaluate`` takes all of them), and ``val/select`` = SSI
 the score a checkpoint callback keeps the best model by.  Each validation writes a Figure-8
 grid (input, true-label reconstruction, six other labels) as PNG under the run folder
 (``grids/step<N>.png``) and to W&B when it is a logger.
+
+Speed (a CPU has bf16 vector units and oneDNN's channels-last kernels): ``channels_last``
+stores the weights in NHWC and the trainer's ``precision: bf16-mixed`` runs the convolutions
+in bfloat16; Dist, SSIM and the KL are always computed in float32, outside autocast.
+Batches/s on the 2-core CPU, GTSRB CPU profile (``python benchmarks/cgan_speed.py``): see
+the README.
+
+``lr_decay``: ``[start, end]`` batches over which the three learning rates fall linearly to
+``lr_final_fraction`` of their value (constant before and after); ``None`` keeps them constant.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -53,6 +63,12 @@ from mixdefense.reconstruction import figure8_grid, resize_for
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of ``KL(N(μ, σ²) ‖ N(0, I))`` in nats (summed over latent dims)."""
     return 0.5 * (logvar.exp() + mu.pow(2) - 1.0 - logvar).sum(1).mean()
+
+
+def linear_decay(batch: int, start: int, end: int, final: float) -> float:
+    """1 up to ``start``, then linearly down to ``final`` at ``end``, ``final`` after."""
+    progress = min(max((batch - start) / (end - start), 0.0), 1.0)
+    return 1.0 - progress * (1.0 - final)
 
 
 def random_wrong_labels(y: torch.Tensor, num_classes: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -82,6 +98,11 @@ class CGANModule(ResumableRNG, pl.LightningModule):
             to the encoder's input during training (the authors' robustness trick).
         binding_classifier: path of a plain classifier file for the label-binding metric.
         grid_images: number of fixed validation images in the Figure-8 grid.
+        channels_last: keep the weights in channels-last (NHWC) memory format (faster conv
+            kernels on CPUs; numerically the same model).
+        lr_decay: ``[start, end]`` batch indices of a linear learning-rate decay (see the module
+            docstring), or ``None``.
+        lr_final_fraction: the learning rates' factor from ``end`` on, in (0, 1].
     """
 
     def __init__(
@@ -92,7 +113,8 @@ class CGANModule(ResumableRNG, pl.LightningModule):
         w_l2: float = 1.0, w_ssim: float = 1.0, w_kl: float = 1.0, w_adv: float = 0.1, adv_loss: str = "hinge",
         wrong_label_adv: bool = True, d_steps: int = 1, mismatch_fake: bool = False, w_cls: float = 0.0,
         lr_cls: float = 1e-3, encoder_noise: float = 0.0, encoder_noise_max: float = 0.1,
-        binding_classifier: str | None = None, grid_images: int = 8,
+        binding_classifier: str | None = None, grid_images: int = 8, channels_last: bool = False,
+        lr_decay: tuple[int, int] | None = None, lr_final_fraction: float = 0.1,
     ):
         super().__init__()
         if adv_loss not in ("hinge", "bce"):
@@ -101,6 +123,10 @@ class CGANModule(ResumableRNG, pl.LightningModule):
             raise ValueError(f"d_steps must be >= 1, got {d_steps}")
         if binding_classifier is not None and not Path(binding_classifier).exists():
             raise FileNotFoundError(f"binding_classifier not found: {binding_classifier} (train it with make train-classifier)")
+        if lr_decay is not None and not (len(lr_decay) == 2 and 0 <= lr_decay[0] < lr_decay[1]):
+            raise ValueError(f"lr_decay must be [start, end] with 0 <= start < end, got {lr_decay!r}")
+        if not 0.0 < lr_final_fraction <= 1.0:
+            raise ValueError(f"lr_final_fraction must be in (0, 1], got {lr_final_fraction}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.reconstructor = Reconstructor(in_channels, image_size, num_classes, latent_dim, enc_channels, gen_channels,
@@ -118,9 +144,22 @@ class CGANModule(ResumableRNG, pl.LightningModule):
     def generator(self) -> Generator:
         return self.reconstructor.generator
 
+    def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            # in place (param.data), before configure_optimizers: the optimizers see the same tensors
+            self.reconstructor.to(memory_format=torch.channels_last)
+            self.discriminator.to(memory_format=torch.channels_last)
+
+    def _float32(self):
+        """A context with autocast off: losses and metrics in float32 under ``bf16-mixed``."""
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
     # -- losses -----------------------------------------------------------------------
     def dist(self, x_rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.hparams.w_l2 * F.mse_loss(x_rec, x) + self.hparams.w_ssim * (1.0 - ssim(x_rec, x, data_range=1.0))
+        """``w_l2 · MSE + w_ssim · (1 − SSIM)``, in float32 whatever the autocast."""
+        with self._float32():
+            x_rec, x = x_rec.float(), x.float()
+            return self.hparams.w_l2 * F.mse_loss(x_rec, x) + self.hparams.w_ssim * (1.0 - ssim(x_rec, x, data_range=1.0))
 
     def _adv_g(self, logits: torch.Tensor) -> torch.Tensor:
         return -logits.mean() if self.hparams.adv_loss == "hinge" else F.softplus(-logits).mean()
@@ -199,7 +238,8 @@ class CGANModule(ResumableRNG, pl.LightningModule):
         self.toggle_optimizer(opt_e)
         z, mu, logvar = self.encoder.sample(self._encoder_input(x))
         dist_e = self.dist(self.generator(z, y), x)
-        kl = kl_to_standard_normal(mu, logvar)
+        with self._float32():
+            kl = kl_to_standard_normal(mu.float(), logvar.float())
         loss_e = dist_e + self.hparams.w_kl * kl
         self._descend(opt_e, loss_e, "encoder")
         self.untoggle_optimizer(opt_e)
@@ -223,6 +263,8 @@ class CGANModule(ResumableRNG, pl.LightningModule):
                 loss_d = loss_d + F.cross_entropy(real_cls, y)
             self._descend(opt_d, loss_d, "discriminator")
         self.untoggle_optimizer(opt_d)
+        for scheduler in self._schedulers():
+            scheduler.step()
 
         logs = {"train/loss_g": loss_g.detach(), "train/loss_e": loss_e.detach(), "train/loss_d": loss_d.detach(),
                 "train/dist": dist_e.detach(), "train/kl": kl.detach()}
@@ -249,12 +291,14 @@ class CGANModule(ResumableRNG, pl.LightningModule):
             self._grid_batch = (x[:n].detach().clone(), y[:n].detach().clone())
         mu, logvar = self.encoder(x)
         x_rec = self.generator(mu, y)
-        val_ssim = ssim(x_rec, x, data_range=1.0)
+        with self._float32():
+            x_rec, x, mu, logvar = x_rec.float(), x.float(), mu.float(), logvar.float()
+            val_ssim = ssim(x_rec, x, data_range=1.0)
+            self.log("val/mse", F.mse_loss(x_rec, x), sync_dist=True)
+            self.log("val/kl", kl_to_standard_normal(mu, logvar), sync_dist=True)
         self._val_sums["ssim"] += float(val_ssim) * x.shape[0]
         self._val_sums["n"] += x.shape[0]
         self.log("val/ssim", val_ssim, prog_bar=True, sync_dist=True)
-        self.log("val/mse", F.mse_loss(x_rec, x), sync_dist=True)
-        self.log("val/kl", kl_to_standard_normal(mu, logvar), sync_dist=True)
         if self.binder is not None:
             y_wrong = random_wrong_labels(y, self.hparams.num_classes, torch.Generator(device=y.device).manual_seed(batch_idx))
             x_wrong = resize_for(self.binder, self.generator(mu, y_wrong))  # e.g. 32×32 MNIST for a 28×28 LeNet
@@ -297,10 +341,28 @@ class CGANModule(ResumableRNG, pl.LightningModule):
         return [{"params": [p for p in self.discriminator.parameters() if id(p) not in ids]},
                 {"params": list(critic.parameters()), "lr": self.hparams.lr_cls}]
 
+    def lr_factor(self, batch: int) -> float:
+        """The learning rates' multiplier after ``batch`` batches (1 without ``lr_decay``)."""
+        if self.hparams.lr_decay is None:
+            return 1.0
+        return linear_decay(batch, *self.hparams.lr_decay, self.hparams.lr_final_fraction)
+
+    def _schedulers(self) -> list:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return []
+        return schedulers if isinstance(schedulers, list) else [schedulers]
+
     def configure_optimizers(self):
         betas = (self.hparams.beta1, self.hparams.beta2)
-        return [
+        optimizers = [
             torch.optim.Adam(self.generator.parameters(), lr=self.hparams.lr_g, betas=betas),
             torch.optim.Adam(self.encoder.parameters(), lr=self.hparams.lr_e, betas=betas),
             torch.optim.Adam(self._discriminator_groups(), lr=self.hparams.lr_d, betas=betas),
         ]
+        if self.hparams.lr_decay is None:
+            return optimizers
+        # stepped once per batch by training_step (manual optimisation); saved and restored with the checkpoint
+        factor = functools.partial(linear_decay, start=self.hparams.lr_decay[0], end=self.hparams.lr_decay[1],
+                                   final=self.hparams.lr_final_fraction)
+        return optimizers, [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers]

@@ -53,12 +53,15 @@ class MetricModule(pl.LightningModule):
         confusable_negatives: how many of the ``negatives_per_image`` come from the classifier's
             ``confusable_top_k`` highest-scoring wrong labels (0: all uniform).
         lr, weight_decay: AdamW, cosine-annealed per step over the trainer's planned steps.
+        channels_last: keep the frozen cGAN, the classifier and M in channels-last (NHWC) memory
+            format: the same float32 model, faster oneDNN convolutions on a CPU.
     """
 
     def __init__(self, cgan: str, embedding_dim: int = 12, arch: str = "cnn", channels: tuple[int, ...] = (32, 64, 128),
                  margin: float = 0.7, distance: str = "l2", miner: str = "all", miner_margin: float | None = None,
                  negatives_per_image: int = 9, anchor_noise: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 classifier: str | None = None, confusable_negatives: int = 0, confusable_top_k: int = 5):
+                 classifier: str | None = None, confusable_negatives: int = 0, confusable_top_k: int = 5,
+                 channels_last: bool = False):
         super().__init__()
         if not Path(cgan).exists():
             raise FileNotFoundError(f"cGAN not found: {cgan} (train it first: make train-cgan DATASET=...)")
@@ -79,6 +82,11 @@ class MetricModule(pl.LightningModule):
         self.metric = EmbeddingNet(self.reconstructor.in_channels, embedding_dim, arch, channels)
         self.objective = TripletObjective(margin, distance, miner, miner_margin)
         self._val: dict[str, list[torch.Tensor]] = {"pos": [], "neg": [], "neg_confusable": []}
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:  # in place, before configure_optimizers
+            for net in (self.reconstructor, self.metric, *self._classifier):
+                net.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True):
         super().train(mode)

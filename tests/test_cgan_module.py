@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.cgan import CGANModule, kl_to_standard_normal, random_wrong_labels
+from lightning_modules.cgan import CGANModule, kl_to_standard_normal, linear_decay, random_wrong_labels
 
 
 def _tiny(**kw) -> CGANModule:
@@ -90,6 +90,11 @@ def test_bad_settings():
         _tiny(adv_loss="wgan")
     with pytest.raises(FileNotFoundError, match="binding_classifier"):
         _tiny(binding_classifier="nowhere.pt")
+    for decay in ([5, 5], [-1, 3], [4]):
+        with pytest.raises(ValueError, match="lr_decay"):
+            _tiny(lr_decay=decay)
+    with pytest.raises(ValueError, match="lr_final_fraction"):
+        _tiny(lr_decay=[0, 2], lr_final_fraction=0.0)
 
 
 def _fit(model, tmp_path, epochs, ckpt_path=None, callbacks=()):
@@ -126,3 +131,60 @@ def test_resume_restores_weights_and_all_three_optimizers(tmp_path):
         for i in now["state"]:
             assert torch.equal(now["state"][i]["exp_avg"], then["state"][i]["exp_avg"])
             assert int(now["state"][i]["step"]) == int(then["state"][i]["step"]) > 0
+
+
+def test_linear_decay_is_flat_then_linear_then_flat():
+    assert [linear_decay(b, 10, 20, 0.1) for b in (0, 10)] == [1.0, 1.0]
+    assert linear_decay(15, 10, 20, 0.1) == pytest.approx(0.55)
+    assert [linear_decay(b, 10, 20, 0.1) for b in (20, 500)] == [pytest.approx(0.1)] * 2
+    assert _tiny().lr_factor(10**6) == 1.0  # no decay configured
+
+
+def test_lr_decay_steps_once_per_batch_and_resumes(tmp_path):
+    """Two epochs of one batch each with a decay over batches [0, 2]: every optimizer ends at the
+    final fraction; a checkpoint after the first batch restores the schedulers' position."""
+    model = _tiny(lr_g=1e-3, lr_e=2e-3, lr_d=4e-3, lr_decay=[0, 2], lr_final_fraction=0.25)
+    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, _loader(n=8))
+    assert [o.param_groups[0]["lr"] for o in trainer.optimizers] == pytest.approx([0.625e-3, 1.25e-3, 2.5e-3])  # halfway
+    ckpt = tmp_path / "one.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    resumed = _tiny(lr_g=1e-3, lr_e=2e-3, lr_d=4e-3, lr_decay=[0, 2], lr_final_fraction=0.25)
+    trainer = pl.Trainer(max_epochs=3, limit_val_batches=0, logger=False, default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(resumed, _loader(n=8), ckpt_path=ckpt)
+    assert [s.last_epoch for s in resumed._schedulers()] == [3, 3, 3]
+    assert [o.param_groups[0]["lr"] for o in trainer.optimizers] == pytest.approx([0.25e-3, 0.5e-3, 1e-3])
+
+
+def test_channels_last_is_the_same_model_in_another_layout(tmp_path):
+    plain = _tiny()
+    fast = _tiny(channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    fast.setup("fit")
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x, y = next(iter(_loader()))
+    assert torch.allclose(plain.eval().reconstruct(x, y), fast.eval().reconstruct(x, y), atol=1e-5)
+
+
+def test_losses_stay_float32_under_bf16_autocast():
+    model = _tiny()
+    x, y = next(iter(_loader()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rec = model.generator(model.encoder(x)[0], y)
+        assert rec.dtype == torch.bfloat16  # the convolutions did run in bf16
+        assert model.dist(rec, x).dtype == torch.float32
+
+
+def test_bf16_mixed_channels_last_training_updates_all_three_networks(tmp_path):
+    model = _tiny(channels_last=True, w_cls=1.0)
+    before = {name: _snapshot(getattr(model, name)) for name in ("encoder", "generator", "discriminator")}
+    trainer = pl.Trainer(max_epochs=1, limit_val_batches=0, logger=False, default_root_dir=tmp_path, precision="bf16-mixed",
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, _loader(n=8))
+    for name, snap in before.items():
+        assert _changed(snap, getattr(model, name)), name
+        assert all(torch.isfinite(p).all() for p in getattr(model, name).parameters())

@@ -50,6 +50,28 @@ def test_confusable_negatives_use_the_classifier_and_log_their_auroc(tmp_path):
     assert not any(k.startswith("_classifier") for k in module.state_dict())  # frozen, never saved with M
 
 
+def test_channels_last_trains_the_same_model_in_another_layout(tmp_path):
+    from mixdefense.classifiers import Classifier, save_classifier
+
+    clf = save_classifier(Classifier("lenet", 10, 1, 16), tmp_path / "clf.pt")
+    torch.manual_seed(0)
+    plain = _module(tmp_path, classifier=str(clf), confusable_negatives=1)
+    torch.manual_seed(0)
+    fast = _module(tmp_path, classifier=str(clf), confusable_negatives=1, channels_last=True)
+    fast.setup("fit")
+    for net in (fast.reconstructor, fast.metric, fast._classifier[0]):
+        convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x, y = next(iter(_loader()))
+    y_wrong = (y + 1) % 10
+    for a, b in zip(plain.pair_distances(x, y, y_wrong), fast.pair_distances(x, y, y_wrong)):
+        assert torch.allclose(a, b, atol=1e-5)
+    trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(fast, _loader(), _loader())
+    assert 0.0 <= float(trainer.callback_metrics["val/auroc"]) <= 1.0
+
+
 def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-cgan"):
         MetricModule(str(tmp_path / "missing.pt"))
