@@ -341,12 +341,6 @@ class CGANModule(ResumableRNG, pl.LightningModule):
         return [{"params": [p for p in self.discriminator.parameters() if id(p) not in ids]},
                 {"params": list(critic.parameters()), "lr": self.hparams.lr_cls}]
 
-    def lr_factor(self, batch: int) -> float:
-        """The learning rates' multiplier after ``batch`` batches (1 without ``lr_decay``)."""
-        if self.hparams.lr_decay is None:
-            return 1.0
-        return linear_decay(batch, *self.hparams.lr_decay, self.hparams.lr_final_fraction)
-
     def _schedulers(self) -> list:
         schedulers = self.lr_schedulers()
         if schedulers is None:

@@ -126,23 +126,25 @@ class MetricModule(pl.LightningModule):
         return stats.loss
 
     @torch.no_grad()
-    def pair_distances(self, x: torch.Tensor, y: torch.Tensor, y_wrong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(d(M(x), M(R(x, y))), d(M(x), M(R(x, y_wrong))))``, each ``[B]``."""
+    def pair_distances(self, x: torch.Tensor, y: torch.Tensor, *y_wrongs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(d(M(x), M(R(x, y))), d(M(x), M(R(x, y′))) for each y′ in y_wrongs)``, each ``[B]``;
+        ``x``'s latent and embedding are computed once for all of them."""
         mu = self.reconstructor.encoder(x)[0]
         e_x = self.metric(x)
-        d_pos = embedding_distance(e_x, self.metric(self.reconstructor.generator(mu, y)), self.hparams.distance)
-        d_neg = embedding_distance(e_x, self.metric(self.reconstructor.generator(mu, y_wrong)), self.hparams.distance)
-        return d_pos, d_neg
+        return tuple(embedding_distance(e_x, self.metric(self.reconstructor.generator(mu, labels)), self.hparams.distance)
+                     for labels in (y, *y_wrongs))
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
         y_wrong = sample_wrong_labels(y, self.num_classes, 1, torch.Generator().manual_seed(batch_idx))[:, 0]
-        d_pos, d_neg = self.pair_distances(x, y, y_wrong)
+        wrongs = [y_wrong]
+        if self._classifier:
+            wrongs.append(sample_confusable_labels(self._logits(x), y, 1, 1, 1)[:, 0])  # the top wrong label
+        d_pos, d_neg, *d_top = self.pair_distances(x, y, *wrongs)
         self._val["pos"].append(d_pos.cpu())
         self._val["neg"].append(d_neg.cpu())
-        if self._classifier:
-            y_top = sample_confusable_labels(self._logits(x), y, 1, 1, 1)[:, 0]  # the top wrong label
-            self._val["neg_confusable"].append(self.pair_distances(x, y, y_top)[1].cpu())
+        if d_top:
+            self._val["neg_confusable"].append(d_top[0].cpu())
 
     def on_validation_epoch_start(self):
         self._val = {"pos": [], "neg": [], "neg_confusable": []}
