@@ -10,7 +10,13 @@ the classes that differ from the image's in details, which uniform labels on man
 rarely pick; the validation then also logs ``val/auroc_confusable`` (the classifier's top wrong
 label as the negative).  ``anchor_noise`` adds uniform noise ``U(−a, a)``, ``a ~ U(0, anchor_noise)``, to the anchors
 (a clean image with a little noise is still clean: it keeps M from keying on pixel-exact
-detail that any perturbation would change).
+detail that any perturbation would change).  With ``adversarial_anchors = k > 0`` (and the
+classifier), the first ``k`` images of each batch are also turned into L∞ PGD AEs against the
+classifier, ``ε ~ U(adversarial_eps)`` per batch (:func:`mixdefense.triplets.adversarial_anchors`):
+extra anchors of their true label with the references ``R(x_adv, y)`` and ``R(x_adv, y_adv)``;
+with ``adversarial_val_eps`` set (and the classifier) the validation also logs
+``val/auroc_adversarial``, clean positives vs the scores of successful PGD AEs at that budget
+with their predicted label (what ContraNet sees under attack).
 
 Logged: ``train/loss``, ``train/active`` (share of the batch's label-valid triplets whose
 margin is violated), ``train/mined``; validation: the distances ``d(M(x), M(R(x, y)))``
@@ -33,6 +39,7 @@ from mixdefense.nets.metric import EmbeddingNet
 from mixdefense.plots import score_histograms
 from mixdefense.triplets import (
     TripletObjective,
+    adversarial_anchors,
     embedding_distance,
     reconstruction_references,
     sample_confusable_labels,
@@ -53,6 +60,10 @@ class MetricModule(pl.LightningModule):
         confusable_negatives: how many of the ``negatives_per_image`` come from the classifier's
             ``confusable_top_k`` highest-scoring wrong labels (0: all uniform).
         lr, weight_decay: AdamW, cosine-annealed per step over the trainer's planned steps.
+        adversarial_anchors: images per batch also used as PGD AEs (anchors; 0: none; needs ``classifier``).
+        adversarial_eps: ``(low, high)`` L∞ budget range in ``[0, 1]`` pixel units, one ε per batch.
+        adversarial_steps: PGD steps for the training AEs (and the validation ones).
+        adversarial_val_eps: L∞ budget of validation AEs for ``val/auroc_adversarial`` (needs ``classifier``; ``None``: not logged).
         channels_last: keep the frozen cGAN, the classifier and M in channels-last (NHWC) memory
             format: the same float32 model, faster oneDNN convolutions on a CPU.
     """
@@ -61,7 +72,9 @@ class MetricModule(pl.LightningModule):
                  margin: float = 0.7, distance: str = "l2", miner: str = "all", miner_margin: float | None = None,
                  negatives_per_image: int = 9, anchor_noise: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4,
                  classifier: str | None = None, confusable_negatives: int = 0, confusable_top_k: int = 5,
-                 channels_last: bool = False):
+                 channels_last: bool = False, adversarial_anchors: int = 0,
+                 adversarial_eps: tuple[float, float] = (1 / 255, 8 / 255), adversarial_steps: int = 2,
+                 adversarial_val_eps: float | None = None):
         super().__init__()
         if not Path(cgan).exists():
             raise FileNotFoundError(f"cGAN not found: {cgan} (train it first: make train-cgan DATASET=...)")
@@ -75,13 +88,23 @@ class MetricModule(pl.LightningModule):
         if not 0 <= confusable_negatives <= min(negatives_per_image, confusable_top_k):
             raise ValueError(f"confusable_negatives must be in [0, min(negatives_per_image, confusable_top_k)], "
                              f"got {confusable_negatives}")
+        if adversarial_anchors and classifier is None:
+            raise ValueError("adversarial_anchors needs the dataset's classifier (classifier: artifacts/<ds>/classifier.pt)")
+        if adversarial_anchors < 0 or adversarial_steps < 1:
+            raise ValueError(f"need adversarial_anchors >= 0 and adversarial_steps >= 1, "
+                             f"got {adversarial_anchors} and {adversarial_steps}")
+        low, high = adversarial_eps
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"adversarial_eps must satisfy 0 < low <= high <= 1 (pixel scale), got {adversarial_eps}")
+        if adversarial_val_eps is not None and (classifier is None or not 0 < adversarial_val_eps <= 1):
+            raise ValueError(f"adversarial_val_eps needs the classifier and must be in (0, 1], got {adversarial_val_eps}")
         if classifier is not None and not Path(classifier).exists():
             raise FileNotFoundError(f"classifier not found: {classifier} (make train-classifier DATASET=...)")
         # frozen and not a registered submodule: not in M's checkpoint weights, never trained
         self._classifier = [load_classifier(classifier).requires_grad_(False).eval()] if classifier else []
         self.metric = EmbeddingNet(self.reconstructor.in_channels, embedding_dim, arch, channels)
         self.objective = TripletObjective(margin, distance, miner, miner_margin)
-        self._val: dict[str, list[torch.Tensor]] = {"pos": [], "neg": [], "neg_confusable": []}
+        self._val: dict[str, list[torch.Tensor]] = {}
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:  # in place, before configure_optimizers
@@ -112,13 +135,29 @@ class MetricModule(pl.LightningModule):
         return sample_confusable_labels(self._logits(x), y, self.hparams.negatives_per_image, k,
                                         self.hparams.confusable_top_k)
 
+    def _adversarial_triplets(self, x: torch.Tensor, y: torch.Tensor):
+        """PGD anchors for the first ``adversarial_anchors`` images and their two references each."""
+        k = self.hparams.adversarial_anchors
+        x, y = x[:k], y[:k]
+        low, high = self.hparams.adversarial_eps
+        eps = low + (high - low) * torch.rand(()).item()
+        x_adv, y_adv = adversarial_anchors(self._classifier[0].to(x.device), x, y, eps, self.hparams.adversarial_steps)
+        refs, ref_labels = reconstruction_references(self.reconstructor, x_adv, y, self.num_classes, 1,
+                                                     wrong_labels=y_adv[:, None])
+        return x_adv, y, refs, ref_labels
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         refs, ref_labels = reconstruction_references(self.reconstructor, x, y, self.num_classes,
                                                      self.hparams.negatives_per_image,
                                                      wrong_labels=self._wrong_labels(x, y))
-        emb = self.metric(torch.cat([self._anchors(x), refs]))
-        stats = self.objective(emb[: len(y)], y, emb[len(y):], ref_labels)
+        anchors, anchor_labels = self._anchors(x), y
+        if self.hparams.adversarial_anchors:
+            x_adv, y_adv_anchor, adv_refs, adv_labels = self._adversarial_triplets(x, y)
+            anchors, anchor_labels = torch.cat([anchors, x_adv]), torch.cat([y, y_adv_anchor])
+            refs, ref_labels = torch.cat([refs, adv_refs]), torch.cat([ref_labels, adv_labels])
+        emb = self.metric(torch.cat([anchors, refs]))
+        stats = self.objective(emb[: len(anchors)], anchor_labels, emb[len(anchors):], ref_labels)
         if not torch.isfinite(stats.loss):
             raise FloatingPointError(f"metric training diverged: loss {stats.loss.item()}")
         self.log_dict({"train/loss": stats.loss, "train/active": stats.active_fraction,
@@ -145,12 +184,26 @@ class MetricModule(pl.LightningModule):
         self._val["neg"].append(d_neg.cpu())
         if d_top:
             self._val["neg_confusable"].append(d_top[0].cpu())
+            if self.hparams.adversarial_val_eps is not None:
+                self._val["adversarial"].append(self._adversarial_scores(x, y).cpu())
+
+    def _adversarial_scores(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``d(M(x_adv), M(R(x_adv, ŷ)))`` for the successful PGD AEs (ε = the validation budget) of ``x``."""
+        with torch.inference_mode(False), torch.enable_grad():  # Lightning validates in inference mode
+            x_adv = adversarial_anchors(self._classifier[0].to(x.device), x.clone(), y.clone(),
+                                        self.hparams.adversarial_val_eps,
+                                        self.hparams.adversarial_steps)[0]
+        pred = self._logits(x_adv).argmax(1)
+        hit = pred != y
+        if not hit.any():
+            return x_adv.new_zeros(0)
+        return self.pair_distances(x_adv[hit], pred[hit])[0]
 
     def on_validation_epoch_start(self):
-        self._val = {"pos": [], "neg": [], "neg_confusable": []}
+        self._val = {"pos": [], "neg": [], "neg_confusable": [], "adversarial": []}
 
     def on_validation_epoch_end(self):
-        if not self._val["pos"]:
+        if not self._val.get("pos"):
             return
         pos, neg = torch.cat(self._val["pos"]), torch.cat(self._val["neg"])
         auroc = detection_auroc(pos, neg)
@@ -159,6 +212,9 @@ class MetricModule(pl.LightningModule):
         if self._val["neg_confusable"]:
             self.log("val/auroc_confusable", detection_auroc(pos, torch.cat(self._val["neg_confusable"])),
                      prog_bar=True, sync_dist=True)
+            adversarial = torch.cat(self._val["adversarial"]) if self._val["adversarial"] else torch.zeros(0)
+            if len(adversarial):
+                self.log("val/auroc_adversarial", detection_auroc(pos, adversarial), prog_bar=True, sync_dist=True)
         if self.trainer.sanity_checking:
             return
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "hist"

@@ -84,3 +84,36 @@ def test_bad_settings_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="confusable_negatives"):
         MetricModule(str(_save_tiny(tmp_path)), negatives_per_image=3, confusable_negatives=4, classifier="x")
 
+
+
+def test_adversarial_anchors_are_pgd_aes_labelled_with_the_true_class_and_logged(tmp_path):
+    from mixdefense.classifiers import Classifier, save_classifier
+    from mixdefense.triplets import adversarial_anchors
+
+    clf_path = save_classifier(Classifier("lenet", 10, 1, 16), tmp_path / "clf.pt")
+    module = _module(tmp_path, classifier=str(clf_path), adversarial_anchors=4, adversarial_eps=(4 / 255, 8 / 255),
+                     adversarial_val_eps=0.3)
+    x, y = next(iter(_loader()))
+    clf = module._classifier[0]
+    x_adv, y_adv = adversarial_anchors(clf, x, y, 8 / 255)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not (x_adv == x).all() and not (y_adv == y).any()
+    masked = clf(x_adv).detach().clone()
+    masked[torch.arange(len(y)), y] = -torch.inf
+    assert torch.equal(y_adv, masked.argmax(1))  # the wrong label the classifier scores highest
+    x_adv, anchor_labels, refs, ref_labels = module._adversarial_triplets(x, y)
+    assert x_adv.shape == (4, 1, 16, 16) and torch.equal(anchor_labels, y[:4])
+    assert refs.shape == (8, 1, 16, 16) and torch.equal(ref_labels[:4], y[:4]) and not (ref_labels[4:] == y[:4]).any()
+    trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, _loader(), _loader())
+    assert 0.0 <= float(trainer.callback_metrics["val/auroc_adversarial"]) <= 1.0  # ε 0.3 fools an untrained LeNet
+
+
+def test_adversarial_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="adversarial_anchors needs"):
+        _module(tmp_path, adversarial_anchors=4)
+    with pytest.raises(ValueError, match="adversarial_eps"):
+        _module(tmp_path, classifier=None, adversarial_eps=(0.1, 0.05))
+    with pytest.raises(ValueError, match="adversarial_val_eps"):
+        _module(tmp_path, adversarial_val_eps=4 / 255)

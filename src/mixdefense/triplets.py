@@ -17,6 +17,14 @@ always among its negatives and a reconstruction labelled ``y_i`` never is
 margin, and ``TripletMarginLoss`` (eq. 6) averages over the non-zero ones (PML's
 ``AvgNonZeroReducer``).  Distances: ``l2`` (Euclidean on the embeddings, PML's
 ``LpDistance``) or ``cosine`` (``1 − cos``; PML's ``CosineSimilarity``).
+
+Adversarial anchors (optional; the authors' follow-up code fine-tunes its metric model with PGD
+AEs, see ``facts.md``): :func:`adversarial_anchors` turns clean training images into L∞ PGD
+AEs against the target classifier; such an ``x_adv`` is an anchor of its *true* label ``y``
+whose negative is ``R(x_adv, y_adv)``, the reconstruction with the wrong label the classifier
+now scores highest (the label ContraNet is handed at inference when the attack succeeds), and
+whose positive is ``R(x_adv, y)``: M learns that a few pixel-scale perturbations do not make an
+image of ``y`` look like a ``y_adv``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from pytorch_metric_learning import distances, losses, miners
+
+from mixdefense.attacks import run_attack
 
 DISTANCES = ("l2", "cosine")
 MINER_TYPES = ("all", "semihard", "hard")
@@ -66,6 +76,21 @@ def sample_confusable_labels(logits: torch.Tensor, y: torch.Tensor, n: int, n_co
     score[rows, y] = -1.0  # rand is in [0, 1): masked labels are never among the top
     score.scatter_(1, confusable, -1.0)
     return torch.cat([confusable, score.topk(n - n_confusable, dim=1).indices], 1)
+
+
+def adversarial_anchors(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 2,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_adv [B, C, S, S], y_adv [B])``: L∞ PGD AEs of ``x`` (in ``[0, 1]``) against ``classifier``.
+
+    ``eps`` bounds ``‖x_adv − x‖∞`` in ``[0, 1]`` pixel units (random start, ``steps`` steps of
+    ``2.5·eps/steps``, :func:`mixdefense.attacks.run_attack`); ``y_adv`` is the wrong label the
+    classifier scores highest for ``x_adv`` (its prediction where the attack succeeded, else the
+    class the attack was heading for) and never ``y``.  Needs gradients enabled.
+    """
+    x_adv = run_attack("pgd_linf", classifier, x, y, eps, steps=steps)
+    with torch.no_grad():
+        y_adv = sample_confusable_labels(classifier(x_adv), y, 1, 1, 1)[:, 0]
+    return x_adv, y_adv
 
 
 @torch.no_grad()
