@@ -32,6 +32,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from mixdefense.attacks import run_attack
 from mixdefense.classifiers import load_classifier
 from mixdefense.metrics import detection_auroc
 from mixdefense.nets.cgan import load_cgan
@@ -190,10 +191,9 @@ class MetricModule(pl.LightningModule):
     def _adversarial_scores(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``d(M(x_adv), M(R(x_adv, ŷ)))`` for the successful PGD AEs (ε = the validation budget) of ``x``."""
         with torch.inference_mode(False), torch.enable_grad():  # Lightning validates in inference mode
-            x_adv = adversarial_anchors(self._classifier[0].to(x.device), x.clone(), y.clone(),
-                                        self.hparams.adversarial_val_eps,
-                                        self.hparams.adversarial_steps)[0]
-        pred = self._logits(x_adv).argmax(1)
+            x_adv = run_attack("pgd_linf", self._classifier[0].to(x.device), x.clone(), y.clone(),
+                               self.hparams.adversarial_val_eps, steps=self.hparams.adversarial_steps)
+        pred = self._logits(x_adv).argmax(1)  # the label ContraNet is handed
         hit = pred != y
         if not hit.any():
             return x_adv.new_zeros(0)
@@ -212,7 +212,7 @@ class MetricModule(pl.LightningModule):
         if self._val["neg_confusable"]:
             self.log("val/auroc_confusable", detection_auroc(pos, torch.cat(self._val["neg_confusable"])),
                      prog_bar=True, sync_dist=True)
-            adversarial = torch.cat(self._val["adversarial"]) if self._val["adversarial"] else torch.zeros(0)
+            adversarial = torch.cat(self._val["adversarial"] or [torch.zeros(0)])
             if len(adversarial):
                 self.log("val/auroc_adversarial", detection_auroc(pos, adversarial), prog_bar=True, sync_dist=True)
         if self.trainer.sanity_checking:

@@ -85,7 +85,6 @@ def test_bad_settings_are_clear_errors(tmp_path):
         MetricModule(str(_save_tiny(tmp_path)), negatives_per_image=3, confusable_negatives=4, classifier="x")
 
 
-
 def test_adversarial_anchors_are_pgd_aes_labelled_with_the_true_class_and_logged(tmp_path):
     from mixdefense.classifiers import Classifier, save_classifier
     from mixdefense.triplets import adversarial_anchors
