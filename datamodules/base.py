@@ -15,7 +15,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 
 def default_data_root() -> Path:
@@ -100,6 +100,10 @@ class ImageDataModule(pl.LightningDataModule):
         image_size: side length ``H = W`` of the images, in pixels; ``None`` keeps the dataset's
             :attr:`default_image_size` (its native size for MNIST and CIFAR-10), another value
             resizes at load time (bilinear, antialiased).
+        class_balance: ``α ∈ [0, 1]``: training images are drawn (with replacement, as many per
+            epoch as the split holds) with probability ``∝ n_class^−α`` — 0 (default) is the plain
+            shuffle, 0.5 square-root sampling, 1 every class equally often.  For long-tailed
+            training sets (GTSRB: 210 to 2,250 images per class).
     """
 
     name: str = ""
@@ -121,6 +125,7 @@ class ImageDataModule(pl.LightningDataModule):
         train_subset: int | None = None,
         test_subset: int | None = None,
         image_size: int | None = None,
+        class_balance: float = 0.0,
     ):
         super().__init__()
         image_size = self.default_image_size if image_size is None else image_size
@@ -132,6 +137,8 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0.0 <= class_balance <= 1.0:
+            raise ValueError(f"class_balance must be in [0, 1], got {class_balance}")
         if translate < 0:
             raise ValueError(f"translate must be >= 0 pixels, got {translate}")
         for key, value in (("train_subset", train_subset), ("test_subset", test_subset)):
@@ -148,6 +155,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_subset = train_subset
         self.test_subset = test_subset
         self.image_size = image_size
+        self.class_balance = class_balance
         self.data_train: ImageTensorDataset | None = None
         self.data_val: ImageTensorDataset | None = None
         self.data_test: ImageTensorDataset | None = None
@@ -238,16 +246,27 @@ class ImageDataModule(pl.LightningDataModule):
                 images, labels = images[: self.test_subset], labels[: self.test_subset]
             self.data_test = ImageTensorDataset(images, labels)
 
-    def _loader(self, data: Dataset | None, shuffle: bool) -> DataLoader:
+    def _loader(self, data: Dataset | None, shuffle: bool, sampler: WeightedRandomSampler | None = None) -> DataLoader:
         if data is None:
             raise RuntimeError(f"{self.name}: call setup() before asking for a dataloader")
         return DataLoader(
-            data, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, drop_last=False,
+            data, batch_size=self.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, drop_last=False,
         )
 
+    def class_balanced_sampler(self) -> WeightedRandomSampler | None:
+        """The training sampler for ``class_balance = α > 0``: image weights ``n_class^−α``; else ``None``."""
+        if not self.class_balance:
+            return None
+        if self.data_train is None:
+            raise RuntimeError(f"{self.name}: call setup() before asking for a dataloader")
+        labels = self.data_train.labels
+        counts = torch.bincount(labels).double()
+        weights = counts[labels].pow(-self.class_balance)
+        return WeightedRandomSampler(weights, num_samples=len(labels), replacement=True)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, shuffle=True)
+        return self._loader(self.data_train, shuffle=True, sampler=self.class_balanced_sampler())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.data_val, shuffle=False)

@@ -65,6 +65,9 @@ class MetricModule(pl.LightningModule):
         adversarial_eps: ``(low, high)`` L∞ budget range in ``[0, 1]`` pixel units, one ε per batch.
         adversarial_steps: PGD steps for the training AEs (and the validation ones).
         adversarial_val_eps: L∞ budget of validation AEs for ``val/auroc_adversarial`` (needs ``classifier``; ``None``: not logged).
+        reference_latent_noise: ``τ``: training references are ``G(μ + τ·σ·ε, label)`` instead of
+            ``G(μ, label)`` (0: off; validation always uses ``μ``), so M meets positives as loose as
+            those of images the cGAN never saw (see :func:`mixdefense.triplets.reconstruction_references`).
         channels_last: keep the frozen cGAN, the classifier and M in channels-last (NHWC) memory
             format: the same float32 model, faster oneDNN convolutions on a CPU.
     """
@@ -75,7 +78,7 @@ class MetricModule(pl.LightningModule):
                  classifier: str | None = None, confusable_negatives: int = 0, confusable_top_k: int = 5,
                  channels_last: bool = False, adversarial_anchors: int = 0,
                  adversarial_eps: tuple[float, float] = (1 / 255, 8 / 255), adversarial_steps: int = 2,
-                 adversarial_val_eps: float | None = None):
+                 adversarial_val_eps: float | None = None, reference_latent_noise: float = 0.0):
         super().__init__()
         if not Path(cgan).exists():
             raise FileNotFoundError(f"cGAN not found: {cgan} (train it first: make train-cgan DATASET=...)")
@@ -99,6 +102,8 @@ class MetricModule(pl.LightningModule):
             raise ValueError(f"adversarial_eps must satisfy 0 < low <= high <= 1 (pixel scale), got {adversarial_eps}")
         if adversarial_val_eps is not None and (classifier is None or not 0 < adversarial_val_eps <= 1):
             raise ValueError(f"adversarial_val_eps needs the classifier and must be in (0, 1], got {adversarial_val_eps}")
+        if reference_latent_noise < 0:
+            raise ValueError(f"reference_latent_noise must be >= 0, got {reference_latent_noise}")
         if classifier is not None and not Path(classifier).exists():
             raise FileNotFoundError(f"classifier not found: {classifier} (make train-classifier DATASET=...)")
         # frozen and not a registered submodule: not in M's checkpoint weights, never trained
@@ -151,7 +156,8 @@ class MetricModule(pl.LightningModule):
         x, y = batch
         refs, ref_labels = reconstruction_references(self.reconstructor, x, y, self.num_classes,
                                                      self.hparams.negatives_per_image,
-                                                     wrong_labels=self._wrong_labels(x, y))
+                                                     wrong_labels=self._wrong_labels(x, y),
+                                                     latent_noise=self.hparams.reference_latent_noise)
         anchors, anchor_labels = self._anchors(x), y
         if self.hparams.adversarial_anchors:
             x_adv, y_adv_anchor, adv_refs, adv_labels = self._adversarial_triplets(x, y)

@@ -60,6 +60,24 @@ def test_references_put_true_label_reconstructions_first_then_the_wrong_ones():
     torch.testing.assert_close(refs[5:8], rec(x[:1].expand(3, -1, -1, -1), labels[5:8]))
 
 
+def test_latent_noise_draws_one_posterior_latent_per_image_shared_by_its_references():
+    rec = tiny_reconstructor()
+    x, y = torch.rand(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
+    wrong = sample_wrong_labels(y, 10, 2)
+    clean, _ = reconstruction_references(rec, x, y, 10, 2, wrong_labels=wrong)
+    noisy, labels = reconstruction_references(rec, x, y, 10, 2, wrong_labels=wrong, latent_noise=1.0,
+                                              generator=torch.Generator().manual_seed(3))
+    assert torch.equal(labels, torch.cat([y, wrong.flatten()]))
+    assert not torch.allclose(noisy, clean)
+    # the same z = μ + σ·ε for the positive and both negatives of an image
+    mu, logvar = rec.encoder(x)
+    z = mu + (0.5 * logvar).exp() * torch.randn(mu.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(noisy[:4], rec.generator(z, y))
+    torch.testing.assert_close(noisy[4:], rec.generator(z.repeat_interleave(2, 0), wrong.flatten()))
+    with pytest.raises(ValueError, match="latent_noise"):
+        reconstruction_references(rec, x, y, 10, 2, latent_noise=-0.1)
+
+
 def test_mined_triplets_never_use_a_negative_with_the_anchor_label():
     emb_a, emb_r = torch.randn(8, 6), torch.randn(8 * 5, 6)
     y = torch.randint(0, 10, (8,))

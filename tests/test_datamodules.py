@@ -96,6 +96,28 @@ def test_bad_arguments_are_rejected():
         MNISTDataModule(val_fraction=1.5)
     with pytest.raises(ValueError, match="batch_size"):
         MNISTDataModule(batch_size=0)
+    with pytest.raises(ValueError, match="class_balance"):
+        MNISTDataModule(class_balance=1.5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_class_balance_draws_classes_by_count_to_the_minus_alpha(data_root, alpha):
+    dm = GTSRBDataModule(data_root=str(data_root), class_balance=alpha, batch_size=512, augment=False)
+    dm.setup("fit")
+    counts = torch.bincount(dm.data_train.labels, minlength=43).double()
+    expected = counts.pow(1 - alpha) / counts.pow(1 - alpha).sum()  # share of each class in the draws
+    loader = dm.train_dataloader()
+    if alpha == 0:
+        assert dm.class_balanced_sampler() is None and isinstance(loader.sampler, torch.utils.data.RandomSampler)
+    else:
+        assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler) and len(loader.sampler) == len(dm.data_train)
+    torch.manual_seed(0)
+    index = torch.tensor(list(loader.sampler)) if alpha else torch.arange(len(dm.data_train))
+    labels = dm.data_train.labels[index]  # an epoch keeps its length
+    drawn = torch.bincount(labels, minlength=43).double() / len(labels)
+    assert (drawn - expected).abs().max() < 0.006
+    if alpha == 1.0:  # rarest (210 images) and commonest (2,250) classes drawn equally often
+        assert drawn.min() > 0.5 / 43 and drawn.max() < 1.5 / 43
 
 
 def test_random_translate_is_a_shift_with_zero_fill():

@@ -25,7 +25,7 @@ def _loader(n: int = 16) -> DataLoader:
 
 
 def test_one_step_updates_the_metric_net_and_never_the_cgan(tmp_path):
-    module = _module(tmp_path, anchor_noise=0.05)
+    module = _module(tmp_path, anchor_noise=0.05, reference_latent_noise=1.0)
     before_m = {k: v.clone() for k, v in module.metric.state_dict().items()}
     before_r = {k: v.clone() for k, v in module.reconstructor.state_dict().items()}
     trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -83,6 +83,8 @@ def test_bad_settings_are_clear_errors(tmp_path):
         MetricModule(str(_save_tiny(tmp_path)), confusable_negatives=2)
     with pytest.raises(ValueError, match="confusable_negatives"):
         MetricModule(str(_save_tiny(tmp_path)), negatives_per_image=3, confusable_negatives=4, classifier="x")
+    with pytest.raises(ValueError, match="reference_latent_noise"):
+        MetricModule(str(_save_tiny(tmp_path)), reference_latent_noise=-1.0)
 
 
 def test_adversarial_anchors_are_pgd_aes_labelled_with_the_true_class_and_logged(tmp_path):

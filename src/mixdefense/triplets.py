@@ -96,21 +96,30 @@ def adversarial_anchors(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
 @torch.no_grad()
 def reconstruction_references(reconstructor: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
                               negatives_per_image: int, generator: torch.Generator | None = None,
-                              wrong_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                              wrong_labels: torch.Tensor | None = None, latent_noise: float = 0.0,
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(references [B·(1+n), C, S, S], labels [B·(1+n)])``: ``R(x, y)`` first, then ``R(x, y′)``.
 
     ``reconstructor`` exposes ``encoder`` (``x → (μ, log σ²)``) and ``generator`` (``(z, y) → image``);
     the encoder runs once per image.  No gradient flows (the cGAN is frozen).  The wrong labels
     are ``wrong_labels [B, n]`` when given (e.g. :func:`sample_confusable_labels`), else uniform.
+    ``latent_noise = τ > 0`` draws the latent ``z = μ + τ·σ·ε`` (``ε ~ N(0, I)``, one ``z`` per
+    image, shared by its positive and negatives) instead of ``μ``: reconstructions as imperfect
+    as those of images the cGAN never saw, while the label still decides the class content.
     """
-    mu = reconstructor.encoder(x)[0]
-    positives = reconstructor.generator(mu, y)
+    if latent_noise < 0:
+        raise ValueError(f"latent_noise must be >= 0, got {latent_noise}")
+    z, logvar = reconstructor.encoder(x)  # z = μ
+    if latent_noise > 0:
+        eps = torch.randn(z.shape, generator=generator, device="cpu").to(device=z.device, dtype=z.dtype)
+        z = z + latent_noise * (0.5 * logvar).exp() * eps
+    positives = reconstructor.generator(z, y)
     if wrong_labels is None:
         wrong_labels = sample_wrong_labels(y, num_classes, negatives_per_image, generator)
     if wrong_labels.shape != (len(y), negatives_per_image) or (wrong_labels == y[:, None]).any():
         raise ValueError(f"wrong_labels must be [B, {negatives_per_image}] and never the true label")
     y_neg = wrong_labels.flatten()
-    negatives = reconstructor.generator(mu.repeat_interleave(negatives_per_image, 0), y_neg)
+    negatives = reconstructor.generator(z.repeat_interleave(negatives_per_image, 0), y_neg)
     return torch.cat([positives, negatives]), torch.cat([y, y_neg])
 
 
