@@ -45,12 +45,9 @@ def split_figures(cgan, classifier, metrics: dict, x: torch.Tensor, y: torch.Ten
     """Faithfulness and per-M distance figures on ``x [N, C, S, S]`` in ``[0, 1]`` with labels ``y``;
     ``rare [num_classes]`` marks the rare classes (bool)."""
     gen = torch.Generator().manual_seed(0)
-    mu, logvar, y_top = [], [], []
-    for xb in x.split(batch):
-        m, lv = cgan.encoder(xb)
-        mu.append(m), logvar.append(lv), y_top.append(classifier(xb))
-    mu, logvar = torch.cat(mu), torch.cat(logvar)
-    y_top = sample_confusable_labels(torch.cat(y_top), y, 1, 1, 1)[:, 0]
+    mu = torch.cat([cgan.encoder(xb)[0] for xb in x.split(batch)])
+    logits = torch.cat([classifier(xb) for xb in x.split(batch)])
+    y_top = sample_confusable_labels(logits, y, 1, 1, 1)[:, 0]
     y_rand = sample_wrong_labels(y, cgan.num_classes, 1, gen)[:, 0]
     recon = lambda z, labels: torch.cat([cgan.generator(zb, lb) for zb, lb in zip(z.split(batch), labels.split(batch))])
     pos, top, rand = recon(mu, y), recon(mu, y_top), recon(mu, y_rand)
@@ -58,7 +55,7 @@ def split_figures(cgan, classifier, metrics: dict, x: torch.Tensor, y: torch.Ten
     out = {"ssim": float(ssim(pos, x, data_range=1.0)), "binding_top_wrong": float((classify(top) == y_top).double().mean()),
            "rare_share": float(rare[y].double().mean())}
     for tau in taus:
-        z = mu + tau * (0.5 * logvar).exp() * torch.randn(mu.shape, generator=gen)
+        z = torch.cat([cgan.encoder.sample(xb, gen, scale=tau)[0] for xb in x.split(batch)])
         out[f"ssim_latent_noise_{tau:g}"] = float(ssim(recon(z, y), x, data_range=1.0))
     for name, net in metrics.items():
         embed = lambda imgs: torch.cat([net(b) for b in imgs.split(batch)])
@@ -104,7 +101,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     paths = args.metric or [f"artifacts/{args.dataset}/metric.pt"]
-    metrics = {Path(p).stem if len(paths) == 1 else str(p): load_metric(p).eval() for p in paths}
+    metrics = {str(p): load_metric(p).eval() for p in paths}
     cgan = load_cgan(f"artifacts/{args.dataset}/cgan.pt").eval()
     classifier = load_classifier(f"artifacts/{args.dataset}/classifier.pt").eval()
     dm = DATAMODULES[args.dataset](data_root=args.data_root, image_size=cgan.image_size)

@@ -109,10 +109,10 @@ def reconstruction_references(reconstructor: nn.Module, x: torch.Tensor, y: torc
     """
     if latent_noise < 0:
         raise ValueError(f"latent_noise must be >= 0, got {latent_noise}")
-    z, logvar = reconstructor.encoder(x)  # z = μ
     if latent_noise > 0:
-        eps = torch.randn(z.shape, generator=generator, device="cpu").to(device=z.device, dtype=z.dtype)
-        z = z + latent_noise * (0.5 * logvar).exp() * eps
+        z = reconstructor.encoder.sample(x, generator, scale=latent_noise)[0]
+    else:
+        z = reconstructor.encoder(x)[0]  # μ
     positives = reconstructor.generator(z, y)
     if wrong_labels is None:
         wrong_labels = sample_wrong_labels(y, num_classes, negatives_per_image, generator)

@@ -71,11 +71,14 @@ class Encoder(nn.Module):
         h = self.features(x * 2 - 1)  # [0, 1] → [-1, 1]
         return self.mu(h), self.logvar(h).clamp(-20.0, 10.0)
 
-    def sample(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(z, μ, log σ²)`` with ``z = μ + exp(log σ² / 2) · ε``, ``ε ~ N(0, I)``."""
+    def sample(self, x: torch.Tensor, generator: torch.Generator | None = None, scale: float = 1.0,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z, μ, log σ²)`` with ``z = μ + scale · exp(log σ² / 2) · ε``, ``ε ~ N(0, I)`` (drawn with
+        ``generator`` on its own device, then moved to ``μ``'s)."""
         mu, logvar = self(x)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        return mu + (0.5 * logvar).exp() * eps, mu, logvar
+        device = generator.device if generator is not None else mu.device
+        eps = torch.randn(mu.shape, generator=generator, device=device, dtype=mu.dtype).to(mu.device)
+        return mu + scale * (0.5 * logvar).exp() * eps, mu, logvar
 
 
 class _UpBlock(nn.Module):
