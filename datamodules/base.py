@@ -30,20 +30,24 @@ class DatasetNotFoundError(FileNotFoundError):
 class ImageTensorDataset(Dataset):
     """``(image, label)`` pairs from a ``uint8`` tensor ``[N, C, H, W]``.
 
-    ``__getitem__`` returns a float image in ``[0, 1]`` of shape ``[C, H, W]`` and an int label.
+    ``__getitem__`` returns a float image in ``[0, 1]`` of shape ``[C, H, W]`` and an int label,
+    and with ``with_index`` also the item's index (for per-image caches such as
+    :class:`mixdefense.triplets.ReferenceBank`).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, with_index: bool = False):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels must have shape [{images.shape[0]}], got {tuple(labels.shape)}")
-        self.images, self.labels = images, labels.long()
+        self.images, self.labels, self.with_index = images, labels.long(), with_index
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, i: int):
+        if self.with_index:
+            return self.images[i].float().div_(255.0), self.labels[i], i
         return self.images[i].float().div_(255.0), self.labels[i]
 
 
@@ -104,6 +108,8 @@ class ImageDataModule(pl.LightningDataModule):
             epoch as the split holds) with probability ``∝ n_class^−α`` — 0 (default) is the plain
             shuffle, 0.5 square-root sampling, 1 every class equally often.  For long-tailed
             training sets (GTSRB: 210 to 2,250 images per class).
+        train_indices: training batches are ``(x, y, index)``, ``index [B]`` the images' positions
+            in the training split (for per-image caches: ContraNet's ``MetricModule(reference_bank=True)``).
     """
 
     name: str = ""
@@ -126,6 +132,7 @@ class ImageDataModule(pl.LightningDataModule):
         test_subset: int | None = None,
         image_size: int | None = None,
         class_balance: float = 0.0,
+        train_indices: bool = False,
     ):
         super().__init__()
         image_size = self.default_image_size if image_size is None else image_size
@@ -156,6 +163,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.test_subset = test_subset
         self.image_size = image_size
         self.class_balance = class_balance
+        self.train_indices = train_indices
         self.data_train: ImageTensorDataset | None = None
         self.data_val: ImageTensorDataset | None = None
         self.data_test: ImageTensorDataset | None = None
@@ -237,7 +245,7 @@ class ImageDataModule(pl.LightningDataModule):
             # would otherwise put only its first classes in a truncated validation (limit_val_batches,
             # the first N calibration images)
             val_idx, train_idx = perm[:n_val], perm[n_val:].sort().values
-            self.data_train = ImageTensorDataset(images[train_idx], labels[train_idx])
+            self.data_train = ImageTensorDataset(images[train_idx], labels[train_idx], with_index=self.train_indices)
             self.data_val = ImageTensorDataset(images[val_idx], labels[val_idx])
         if stage in (None, "test", "predict") and self.data_test is None:
             images, labels = self.load_split(train=False)
@@ -280,11 +288,11 @@ class ImageDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         trainer = getattr(self, "trainer", None)
         if self.augment and trainer is not None and trainer.training:
-            x, y = batch
+            x, *rest = batch
             x = random_translate(x, self.translate)
             if self.hflip:
                 x = random_hflip(x)
-            batch = (x, y)
+            batch = (x, *rest)
         return batch
 
     def __repr__(self) -> str:

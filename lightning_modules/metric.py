@@ -18,6 +18,15 @@ with ``adversarial_val_eps`` set (and the classifier) the validation also logs
 ``val/auroc_adversarial``, clean positives vs the scores of successful PGD AEs at that budget
 with their predicted label (what ContraNet sees under attack).
 
+With ``reference_bank`` the references come from a :class:`mixdefense.triplets.ReferenceBank`
+built once at the start of training (the frozen cGAN's float32 outputs for each training image's
+true label, its ``confusable_top_k`` confusable labels and ``bank_uniform_negatives`` fixed
+uniform wrong labels; the negatives are re-drawn among them every step): a step then costs
+only M, ~3x fewer seconds on a CPU.  It needs the training set unaugmented and indexed
+(datamodule ``augment: false``, ``train_indices: true``); the bank's build counts in the
+trainer's ``max_time``.  Under ``precision: bf16-mixed`` M runs in bfloat16 while the triplet
+objective and the distances stay float32 (the exported M is float32 either way).
+
 Logged: ``train/loss``, ``train/active`` (share of the batch's label-valid triplets whose
 margin is violated), ``train/mined``; validation: the distances ``d(M(x), M(R(x, y)))``
 (positives) and ``d(M(x), M(R(x, y′)))`` (one random wrong label per image, negatives),
@@ -31,6 +40,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
 from mixdefense.attacks import run_attack
 from mixdefense.classifiers import load_classifier
@@ -39,6 +49,7 @@ from mixdefense.nets.cgan import load_cgan
 from mixdefense.nets.metric import EmbeddingNet
 from mixdefense.plots import score_histograms
 from mixdefense.triplets import (
+    ReferenceBank,
     TripletObjective,
     adversarial_anchors,
     embedding_distance,
@@ -70,6 +81,10 @@ class MetricModule(pl.LightningModule):
             those of images the cGAN never saw (see :func:`mixdefense.triplets.reconstruction_references`).
         channels_last: keep the frozen cGAN, the classifier and M in channels-last (NHWC) memory
             format: the same float32 model, faster oneDNN convolutions on a CPU.
+        reference_bank: precompute the training references once (see the module docstring;
+            incompatible with ``adversarial_anchors`` and ``reference_latent_noise``).
+        bank_uniform_negatives: uniform wrong labels per image in the bank (at least
+            ``negatives_per_image − confusable_negatives``).
     """
 
     def __init__(self, cgan: str, embedding_dim: int = 12, arch: str = "cnn", channels: tuple[int, ...] = (32, 64, 128),
@@ -78,7 +93,8 @@ class MetricModule(pl.LightningModule):
                  classifier: str | None = None, confusable_negatives: int = 0, confusable_top_k: int = 5,
                  channels_last: bool = False, adversarial_anchors: int = 0,
                  adversarial_eps: tuple[float, float] = (1 / 255, 8 / 255), adversarial_steps: int = 2,
-                 adversarial_val_eps: float | None = None, reference_latent_noise: float = 0.0):
+                 adversarial_val_eps: float | None = None, reference_latent_noise: float = 0.0,
+                 reference_bank: bool = False, bank_uniform_negatives: int = 3):
         super().__init__()
         if not Path(cgan).exists():
             raise FileNotFoundError(f"cGAN not found: {cgan} (train it first: make train-cgan DATASET=...)")
@@ -104,6 +120,13 @@ class MetricModule(pl.LightningModule):
             raise ValueError(f"adversarial_val_eps needs the classifier and must be in (0, 1], got {adversarial_val_eps}")
         if reference_latent_noise < 0:
             raise ValueError(f"reference_latent_noise must be >= 0, got {reference_latent_noise}")
+        if reference_bank and (adversarial_anchors or reference_latent_noise):
+            raise ValueError("reference_bank holds fixed references of clean images: it cannot be combined with "
+                             "adversarial_anchors or reference_latent_noise")
+        if reference_bank and not negatives_per_image - confusable_negatives <= bank_uniform_negatives <= self.num_classes - 1 - (
+                confusable_top_k if confusable_negatives else 0):
+            raise ValueError(f"bank_uniform_negatives must cover the {negatives_per_image - confusable_negatives} uniform "
+                             f"negatives per image and leave labels to draw them from, got {bank_uniform_negatives}")
         if classifier is not None and not Path(classifier).exists():
             raise FileNotFoundError(f"classifier not found: {classifier} (make train-classifier DATASET=...)")
         # frozen and not a registered submodule: not in M's checkpoint weights, never trained
@@ -111,6 +134,7 @@ class MetricModule(pl.LightningModule):
         self.metric = EmbeddingNet(self.reconstructor.in_channels, embedding_dim, arch, channels)
         self.objective = TripletObjective(margin, distance, miner, miner_margin)
         self._val: dict[str, list[torch.Tensor]] = {}
+        self.bank: ReferenceBank | None = None
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:  # in place, before configure_optimizers
@@ -121,6 +145,31 @@ class MetricModule(pl.LightningModule):
         super().train(mode)
         self.reconstructor.eval()  # frozen, batch norm in inference mode
         return self
+
+    def on_train_start(self) -> None:
+        """Build the reference bank (after the trainer's timer has started: it counts in ``max_time``)."""
+        if not self.hparams.reference_bank or self.bank is not None:
+            return
+        data = getattr(self.trainer.datamodule, "data_train", None)
+        if data is None or not getattr(data, "with_index", False):
+            raise RuntimeError("reference_bank needs a datamodule with indexed training batches "
+                               "(data.init_args.train_indices: true)")
+        if getattr(self.trainer.datamodule, "augment", False):
+            raise RuntimeError("reference_bank needs the training images unaugmented (data.init_args.augment: false)")
+        loader = DataLoader(data, batch_size=256, shuffle=False)
+        batches = ((x.to(self.device).contiguous(memory_format=self._memory_format), y.to(self.device))
+                   for x, y, _ in loader)
+        confusable = bool(self.hparams.confusable_negatives)
+        self.bank = ReferenceBank.build(
+            self.reconstructor, batches, self.num_classes, self.hparams.bank_uniform_negatives,
+            classifier=self._classifier[0].to(self.device) if confusable else None,
+            top_k=self.hparams.confusable_top_k if confusable else 0,
+            generator=torch.Generator().manual_seed(torch.initial_seed() % 2**63),
+            progress=self.trainer.progress_bar_callback is not None)
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.hparams.channels_last else torch.contiguous_format
 
     def _anchors(self, x: torch.Tensor) -> torch.Tensor:
         a = self.hparams.anchor_noise
@@ -152,19 +201,32 @@ class MetricModule(pl.LightningModule):
                                                      wrong_labels=y_adv[:, None])
         return x_adv, y, refs, ref_labels
 
+    def _references(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, y, references, reference labels)`` of a training batch, from the bank or the cGAN."""
+        if self.bank is None:
+            x, y = batch[:2]
+            refs, ref_labels = reconstruction_references(self.reconstructor, x, y, self.num_classes,
+                                                         self.hparams.negatives_per_image,
+                                                         wrong_labels=self._wrong_labels(x, y),
+                                                         latent_noise=self.hparams.reference_latent_noise)
+            return x, y, refs, ref_labels
+        if len(batch) != 3:
+            raise RuntimeError("reference_bank needs (x, y, index) batches (data.init_args.train_indices: true)")
+        x, y, index = batch
+        self.bank.check(index, x)
+        refs, ref_labels = self.bank.sample(index, self.hparams.negatives_per_image, self.hparams.confusable_negatives)
+        return x, y, refs.contiguous(memory_format=self._memory_format), ref_labels
+
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        refs, ref_labels = reconstruction_references(self.reconstructor, x, y, self.num_classes,
-                                                     self.hparams.negatives_per_image,
-                                                     wrong_labels=self._wrong_labels(x, y),
-                                                     latent_noise=self.hparams.reference_latent_noise)
+        x, y, refs, ref_labels = self._references(batch)
         anchors, anchor_labels = self._anchors(x), y
         if self.hparams.adversarial_anchors:
             x_adv, y_adv_anchor, adv_refs, adv_labels = self._adversarial_triplets(x, y)
             anchors, anchor_labels = torch.cat([anchors, x_adv]), torch.cat([y, y_adv_anchor])
             refs, ref_labels = torch.cat([refs, adv_refs]), torch.cat([ref_labels, adv_labels])
-        emb = self.metric(torch.cat([anchors, refs]))
-        stats = self.objective(emb[: len(anchors)], anchor_labels, emb[len(anchors):], ref_labels)
+        emb = self.metric(torch.cat([anchors, refs])).float()
+        with torch.autocast(self.device.type, enabled=False):  # distances and loss in float32 under bf16-mixed
+            stats = self.objective(emb[: len(anchors)], anchor_labels, emb[len(anchors):], ref_labels)
         if not torch.isfinite(stats.loss):
             raise FloatingPointError(f"metric training diverged: loss {stats.loss.item()}")
         self.log_dict({"train/loss": stats.loss, "train/active": stats.active_fraction,
@@ -176,12 +238,13 @@ class MetricModule(pl.LightningModule):
         """``(d(M(x), M(R(x, y))), d(M(x), M(R(x, y′))) for each y′ in y_wrongs)``, each ``[B]``;
         ``x``'s latent and embedding are computed once for all of them."""
         mu = self.reconstructor.encoder(x)[0]
-        e_x = self.metric(x)
-        return tuple(embedding_distance(e_x, self.metric(self.reconstructor.generator(mu, labels)), self.hparams.distance)
+        e_x = self.metric(x).float()
+        return tuple(embedding_distance(e_x, self.metric(self.reconstructor.generator(mu, labels)).float(),
+                                        self.hparams.distance)
                      for labels in (y, *y_wrongs))
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
+        x, y = batch[:2]
         y_wrong = sample_wrong_labels(y, self.num_classes, 1, torch.Generator().manual_seed(batch_idx))[:, 0]
         wrongs = [y_wrong]
         if self._classifier:

@@ -9,6 +9,7 @@ import torch.nn as nn
 from mixdefense.contranet import ContraNet, load_contranet, or_calibrate, save_contranet
 from mixdefense.nets import EmbeddingNet, Reconstructor, load_metric, save_metric
 from mixdefense.triplets import (
+    ReferenceBank,
     TripletObjective,
     embedding_distance,
     reconstruction_references,
@@ -234,3 +235,58 @@ def test_confusable_labels_come_from_the_classifiers_top_wrong_labels_and_never_
     assert not (sample_confusable_labels(logits, y_low, 42, 5, 5, generator=g) == y_low[:, None]).any()
     with pytest.raises(ValueError, match="n_confusable"):
         sample_confusable_labels(logits, y, 4, 5, 3)
+
+
+# -- reference bank ---------------------------------------------------------------------
+def _bank(classifier=None, top_k=0, uniform=3, n=12):
+    rec = tiny_reconstructor()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(n, 1, 16, 16, generator=g), torch.arange(n) % 10
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    return rec, x, y, ReferenceBank.build(rec, batches, 10, uniform, classifier=classifier, top_k=top_k,
+                                          generator=g, progress=False)
+
+
+def test_reference_bank_holds_the_cgans_reconstructions_of_true_confusable_and_uniform_labels():
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(256, 10)).eval()
+    rec, x, y, bank = _bank(clf, top_k=4, uniform=3)
+    assert len(bank) == 12 and bank.labels.shape == (12, 8) and bank.num_confusable == 4 and bank.num_uniform == 3
+    assert torch.equal(bank.labels[:, 0], y)
+    assert not (bank.labels[:, 1:] == y[:, None]).any()
+    assert all(len(set(row.tolist())) == 8 for row in bank.labels)  # distinct per image
+    masked = clf(x).detach()
+    masked[torch.arange(12), y] = -torch.inf
+    top4 = masked.topk(4, 1).indices
+    assert all(set(bank.labels[i, 1:5].tolist()) == set(top4[i].tolist()) for i in range(12))
+    expected = rec(x.repeat_interleave(8, 0), bank.labels.flatten()).view(12, 8, 1, 16, 16)
+    torch.testing.assert_close(bank.references.float(), expected, atol=1e-3, rtol=0)  # float16 storage
+
+
+def test_reference_bank_samples_in_the_layout_of_reconstruction_references():
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(256, 10)).eval()
+    _, x, y, bank = _bank(clf, top_k=4, uniform=3)
+    index = torch.tensor([7, 2, 2, 11])
+    refs, labels = bank.sample(index, 4, 3, torch.Generator().manual_seed(1))
+    assert refs.dtype == torch.float32 and refs.shape == (4 * 5, 1, 16, 16) and labels.shape == (20,)
+    assert torch.equal(labels[:4], y[index])
+    torch.testing.assert_close(refs[:4], bank.references[index, 0].float())
+    negatives = labels[4:].view(4, 4)
+    for row, i in zip(negatives, index.tolist()):
+        assert set(row[:3].tolist()) <= set(bank.labels[i, 1:5].tolist())  # confusable columns
+        assert row[3].item() in bank.labels[i, 5:].tolist()  # a uniform column
+        assert len(set(row.tolist())) == 4 and y[i].item() not in row.tolist()
+    # image 7's third negative is the bank's reconstruction with that label
+    col = bank.labels[7].tolist().index(negatives[0, 2].item())
+    torch.testing.assert_close(refs[4 + 2], bank.references[7, col].float())
+    with pytest.raises(ValueError, match="uniform negatives"):
+        bank.sample(index, 4, 0)  # 4 uniform negatives asked, 3 held
+
+
+def test_reference_bank_refuses_images_that_are_not_its_own():
+    _, x, y, bank = _bank()
+    index = torch.tensor([0, 3])
+    bank.check(index, x[index])
+    with pytest.raises(RuntimeError, match="augment"):
+        bank.check(index, x[index].roll(1, -1) * 0.9)
+    with pytest.raises(ValueError, match="classifier"):
+        ReferenceBank.build(tiny_reconstructor(), [(x, y)], 10, 3, top_k=2)

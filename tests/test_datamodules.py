@@ -140,3 +140,20 @@ def test_random_hflip_flips_some_images_exactly():
     kept = [torch.equal(out[i], x[i]) for i in range(64)]
     assert all(f or k for f, k in zip(flipped, kept))
     assert 10 < sum(flipped) < 54
+
+
+def test_train_indices_give_each_training_image_its_position_and_survive_augmentation(data_root):
+    dm = MNISTDataModule(data_root=str(data_root), train_subset=300, batch_size=64, train_indices=True, augment=True)
+    dm.setup("fit")
+    x, y, index = next(iter(dm.train_dataloader()))
+    assert x.shape == (64, 1, 28, 28) and index.shape == (64,) and index.dtype == torch.long
+    assert torch.equal(y, dm.data_train.labels[index])
+    assert torch.equal(x, dm.data_train.images[index].float() / 255)
+    assert len(next(iter(dm.val_dataloader()))) == 2  # only the training batches carry indices
+
+    class Training:
+        training = True
+
+    dm.trainer = Training()
+    shifted, y2, index2 = dm.on_after_batch_transfer((x, y, index), 0)
+    assert torch.equal(y2, y) and torch.equal(index2, index) and shifted.shape == x.shape

@@ -118,3 +118,73 @@ def test_adversarial_settings_are_checked(tmp_path):
         _module(tmp_path, classifier=None, adversarial_eps=(0.1, 0.05))
     with pytest.raises(ValueError, match="adversarial_val_eps"):
         _module(tmp_path, adversarial_val_eps=4 / 255)
+
+
+class _IndexedData(pl.LightningDataModule):
+    """A datamodule as the real ones are seen by the reference bank: ``data_train``, ``augment``."""
+
+    def __init__(self, n: int = 24, indexed: bool = True, augment: bool = False):
+        super().__init__()
+        from datamodules.base import ImageTensorDataset
+
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (n, 1, 16, 16), generator=g, dtype=torch.uint8)
+        self.data_train = ImageTensorDataset(images, torch.arange(n) % 10, with_index=indexed)
+        self.data_val = ImageTensorDataset(images[:8], torch.arange(8) % 10)
+        self.augment = augment
+
+    def train_dataloader(self):
+        return DataLoader(self.data_train, batch_size=8, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.data_val, batch_size=8)
+
+
+def _bank_module(tmp_path, **kw):
+    from mixdefense.classifiers import Classifier, save_classifier
+
+    clf = save_classifier(Classifier("lenet", 10, 1, 16), tmp_path / "clf.pt")
+    return _module(tmp_path, classifier=str(clf), confusable_negatives=2, confusable_top_k=3, reference_bank=True,
+                   bank_uniform_negatives=2, **kw)
+
+
+def test_reference_bank_trains_m_without_running_the_cgan_per_step(tmp_path, monkeypatch):
+    import lightning_modules.metric as metric_module
+
+    module = _bank_module(tmp_path)
+    before = {k: v.clone() for k, v in module.metric.state_dict().items()}
+
+    def no_cgan(*args, **kwargs):
+        raise AssertionError("training steps must take their references from the bank")
+
+    monkeypatch.setattr(metric_module, "reconstruction_references", no_cgan)
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                         limit_val_batches=1, val_check_interval=3)
+    data = _IndexedData()
+    trainer.fit(module, datamodule=data)
+    bank = module.bank
+    assert len(bank) == 24 and bank.labels.shape == (24, 1 + 3 + 2)
+    assert torch.equal(bank.labels[:, 0], data.data_train.labels)
+    x = data.data_train.images.float() / 255
+    with torch.no_grad():
+        expected = module.reconstructor(x, data.data_train.labels)
+    torch.testing.assert_close(bank.references[:, 0].float(), expected, atol=1e-3, rtol=0)
+    assert any(not torch.equal(before[k], v) for k, v in module.metric.state_dict().items())
+    assert all(v.dtype == torch.float32 for v in module.metric.state_dict().values() if v.is_floating_point())
+    assert 0.0 <= float(trainer.callback_metrics["val/auroc"]) <= 1.0
+
+
+@pytest.mark.parametrize("indexed,augment,match", [(False, False, "train_indices"), (True, True, "augment")])
+def test_reference_bank_refuses_unindexed_or_augmented_training_sets(tmp_path, indexed, augment, match):
+    trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match=match):
+        trainer.fit(_bank_module(tmp_path), datamodule=_IndexedData(indexed=indexed, augment=augment))
+
+
+def test_reference_bank_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="reference_bank"):
+        _bank_module(tmp_path, reference_latent_noise=1.0)
+    with pytest.raises(ValueError, match="bank_uniform_negatives"):
+        _module(tmp_path, reference_bank=True, bank_uniform_negatives=2)  # 3 uniform negatives per image needed

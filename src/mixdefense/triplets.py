@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from pytorch_metric_learning import distances, losses, miners
+from tqdm.auto import tqdm
 
 from mixdefense.attacks import run_attack
 
@@ -197,3 +198,105 @@ class TripletObjective(nn.Module):
             violated = (d_pos[:, :, None] - d_neg[:, None, :] + self.margin > 0) & matches[:, :, None] & ~matches[:, None, :]
             active = int(violated.sum())
         return TripletStats(loss, total, int(triplets[0].numel()), active / max(total, 1))
+
+
+class ReferenceBank:
+    """Precomputed reconstructions of a fixed training set: the frozen cGAN runs once, not every epoch.
+
+    A reference ``R(x, label) = G(μ(x), label)`` depends only on the image and the label, so for
+    a training set without random augmentation (random noise on the *anchors* is fine) the
+    references of many epochs are the same few per image.  The bank holds, for image ``i`` of
+    the training set (in its dataset order):
+
+    * column 0: ``R(x_i, y_i)``, the positive;
+    * columns ``1 … k``: ``R(x_i, c)`` for the ``k = top_k`` wrong labels the classifier scores
+      highest for ``x_i`` (only when built with a classifier), the confusable negatives;
+    * the last ``u = uniform`` columns: ``R(x_i, y′)`` for ``u`` distinct wrong labels drawn
+      uniformly among the others, fixed per image at build time.
+
+    :meth:`sample` draws a batch's references from it in :func:`reconstruction_references`'
+    layout, the negatives re-drawn among each image's columns at every step.  The cached
+    references are the float32 cGAN's outputs (the ones ContraNet computes at inference)
+    stored in ``dtype`` (float16 by default: ~6 KB per 3×32×32 image and column).
+
+    Attributes:
+        references: ``[N, 1 + k + u, C, S, S]`` in ``[0, 1]``.
+        labels: ``[N, 1 + k + u]`` int64, column 0 the true label.
+        num_confusable: ``k``.
+        checksums: ``[N]`` float64 pixel sums of the images, to refuse a batch that is not the
+            bank's image (augmented, reordered or another dataset; :meth:`check`).
+    """
+
+    def __init__(self, references: torch.Tensor, labels: torch.Tensor, num_confusable: int, checksums: torch.Tensor):
+        if references.dim() != 5 or labels.shape != references.shape[:2] or checksums.shape != references.shape[:1]:
+            raise ValueError(f"need references [N, K, C, S, S], labels [N, K] and checksums [N], got "
+                             f"{tuple(references.shape)}, {tuple(labels.shape)}, {tuple(checksums.shape)}")
+        if not 0 <= num_confusable < references.shape[1]:
+            raise ValueError(f"num_confusable must be in [0, {references.shape[1] - 1}], got {num_confusable}")
+        self.references, self.labels, self.num_confusable, self.checksums = references, labels, num_confusable, checksums
+
+    @property
+    def num_uniform(self) -> int:
+        return self.labels.shape[1] - 1 - self.num_confusable
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, reconstructor: nn.Module, batches, num_classes: int, uniform: int,
+              classifier: nn.Module | None = None, top_k: int = 0, generator: torch.Generator | None = None,
+              dtype: torch.dtype = torch.float16, progress: bool = True, chunk: int = 64) -> ReferenceBank:
+        """Bank of the images of ``batches`` (an iterable of ``(x [B, C, S, S] in [0, 1], y [B])`` in
+        the dataset's order, on the reconstructor's device): ``top_k`` confusable columns (needs
+        ``classifier``) and ``uniform`` uniform ones per image.  The generator runs on ``chunk``
+        latents at a time (64: ~2x faster per image than thousands at once on a CPU)."""
+        if (classifier is None) != (top_k == 0):
+            raise ValueError("confusable columns need both a classifier and top_k >= 1 (or neither)")
+        if uniform < 0 or not 1 <= top_k + uniform <= num_classes - 1:
+            raise ValueError(f"need uniform >= 0 and 1 <= top_k + uniform <= {num_classes - 1}, got top_k {top_k}, "
+                             f"uniform {uniform}")
+        refs, labels, sums = [], [], []
+        for x, y in tqdm(batches, desc="reference bank", disable=not progress, leave=False):
+            if classifier is not None:
+                wrong = sample_confusable_labels(classifier(x), y, top_k + uniform, top_k, top_k, generator)
+            else:
+                wrong = sample_wrong_labels(y, num_classes, uniform, generator)
+            lab = torch.cat([y[:, None], wrong], 1)  # [B, K]
+            mu = reconstructor.encoder(x)[0]
+            z, flat = mu.repeat_interleave(lab.shape[1], 0), lab.flatten()
+            out = torch.cat([reconstructor.generator(zc, lc).to("cpu", dtype)
+                             for zc, lc in zip(z.split(chunk), flat.split(chunk))])
+            refs.append(out.reshape(*lab.shape, *x.shape[1:]).contiguous())
+            labels.append(lab.cpu())
+            sums.append(x.double().flatten(1).sum(1).cpu())
+        if not refs:
+            raise ValueError("ReferenceBank.build: no images")
+        return cls(torch.cat(refs), torch.cat(labels), top_k, torch.cat(sums))
+
+    def check(self, index: torch.Tensor, x: torch.Tensor) -> None:
+        """Raise unless ``x [B, C, S, S]`` are the bank's images ``index [B]`` (pixel sums within 1e-3)."""
+        sums = x.detach().double().flatten(1).sum(1).cpu()
+        if not torch.allclose(sums, self.checksums[index.cpu()], rtol=0, atol=1e-3):
+            raise RuntimeError("the batch's images are not the reference bank's: the bank needs the training set "
+                               "unaugmented and in the order it was built from (datamodule augment: false)")
+
+    def sample(self, index: torch.Tensor, negatives_per_image: int, confusable_negatives: int,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(references [B·(1+n), C, S, S] float32, labels [B·(1+n)])`` of the bank's images ``index [B]``:
+        the positives first, then ``n = negatives_per_image`` negatives per image (image-major), the
+        first ``confusable_negatives`` of each image's drawn among its confusable columns and the
+        others among its uniform ones, distinct, never the true label."""
+        k, u, n = self.num_confusable, self.num_uniform, negatives_per_image
+        if not 0 <= confusable_negatives <= min(k, n) or not 0 <= n - confusable_negatives <= u or n < 1:
+            raise ValueError(f"the bank holds {k} confusable and {u} uniform negatives per image; cannot draw "
+                             f"{n} negatives with {confusable_negatives} confusable")
+        idx = index.cpu()
+        b = len(idx)
+        conf = torch.rand(b, k, generator=generator).argsort(1)[:, :confusable_negatives] + 1
+        unif = torch.rand(b, u, generator=generator).argsort(1)[:, :n - confusable_negatives] + 1 + k
+        cols = torch.cat([conf, unif], 1)  # [B, n]
+        rows = idx[:, None]
+        refs = torch.cat([self.references[idx, 0].float(), self.references[rows, cols].flatten(0, 1).float()])
+        labels = torch.cat([self.labels[idx, 0], self.labels[rows, cols].flatten()])
+        return refs.to(index.device), labels.to(index.device)
