@@ -22,9 +22,9 @@ With ``reference_bank`` the references come from a :class:`mixdefense.triplets.R
 built once at the start of training (the frozen cGAN's float32 outputs for each training image's
 true label, its ``confusable_top_k`` confusable labels and ``bank_uniform_negatives`` fixed
 uniform wrong labels; the negatives are re-drawn among them every step): a step then costs
-only M (GTSRB, 2-core CPU, the 32/64/128 CNN in bfloat16: 7.6 instead of 2.0 batches/s).  It needs the training set unaugmented and indexed
-(datamodule ``augment: false``, ``train_indices: true``); the bank's build counts in the
-trainer's ``max_time``.  Under ``precision: bf16-mixed`` M runs in bfloat16 while the triplet
+only M (GTSRB, 2-core CPU, the 32/64/128 CNN in bfloat16: 7.6 instead of 2.0 batches/s).  It
+needs the training set unaugmented and indexed (datamodule ``augment: false``,
+``train_indices: true``); the bank's build counts in the trainer's ``max_time``.  Under ``precision: bf16-mixed`` M runs in bfloat16 while the triplet
 objective and the distances stay float32 (the exported M is float32 either way).
 
 Logged: ``train/loss``, ``train/active`` (share of the batch's label-valid triplets whose
@@ -203,15 +203,16 @@ class MetricModule(pl.LightningModule):
 
     def _references(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x, y, references, reference labels)`` of a training batch, from the bank or the cGAN."""
-        if self.bank is None:
+        if not self.hparams.reference_bank:
             x, y = batch[:2]
             refs, ref_labels = reconstruction_references(self.reconstructor, x, y, self.num_classes,
                                                          self.hparams.negatives_per_image,
                                                          wrong_labels=self._wrong_labels(x, y),
                                                          latent_noise=self.hparams.reference_latent_noise)
             return x, y, refs, ref_labels
-        if len(batch) != 3:
-            raise RuntimeError("reference_bank needs (x, y, index) batches (data.init_args.train_indices: true)")
+        if len(batch) != 3 or self.bank is None:
+            raise RuntimeError("reference_bank needs (x, y, index) batches (data.init_args.train_indices: true) "
+                               "and the bank built by on_train_start")
         x, y, index = batch
         self.bank.check(index, x)
         refs, ref_labels = self.bank.sample(index, self.hparams.negatives_per_image, self.hparams.confusable_negatives)
