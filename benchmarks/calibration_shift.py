@@ -23,7 +23,7 @@ import torch
 
 from mixdefense.classifiers import load_classifier
 from mixdefense.cli import load_images
-from mixdefense.contranet import ContraNet
+from mixdefense.layers.contranet import ContraNet
 from mixdefense.nets import load_cgan, load_metric
 
 

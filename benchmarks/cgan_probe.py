@@ -3,7 +3,7 @@
 Each variant starts from the dataset's cGAN config (``experiments/<ds>/cgan.yaml``, model
 section), overrides a few settings, trains for ``--batches`` batches on the training split
 (same seed, same data order) and is scored on the first ``--images`` test images with
-:func:`mixdefense.reconstruction.evaluate_reconstructions`: mean SSIM of true-label
+:func:`mixdefense.evaluation.reconstruction.evaluate_reconstructions`: mean SSIM of true-label
 reconstructions and binding over all wrong labels, judged by the dataset's classifier.
 
     python benchmarks/cgan_probe.py --dataset mnist --batches 300
@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 from datamodules import DATAMODULES  # noqa: E402
 from lightning_modules.cgan import CGANModule  # noqa: E402
 from mixdefense.classifiers import load_classifier  # noqa: E402
+from mixdefense.evaluation.reconstruction import evaluate_reconstructions  # noqa: E402
 from mixdefense.io import atomic_write_text  # noqa: E402
-from mixdefense.reconstruction import evaluate_reconstructions  # noqa: E402
 
 #: name → (what it changes, overrides of the config's model.init_args)
 VARIANTS: dict[str, tuple[str, dict]] = {

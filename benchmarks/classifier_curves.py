@@ -2,7 +2,7 @@
 
     python benchmarks/classifier_curves.py --dataset cifar10 [--csv runs/cifar10/classifier/csv/version_0/metrics.csv]
 
-Writes results/<dataset>/classifier_curve.{csv,png}: one row per epoch with the training
+Writes runs/<dataset>/classifier/classifier_curve.{csv,png} (--out: e.g. results/<dataset>/classifier for the shipped classifier): one row per epoch with the training
 seconds so far (``time/train_s``, validation excluded) and the validation accuracy.
 """
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--csv", default=None, help="default: the newest runs/<dataset>/classifier/csv/version_*/metrics.csv with a time column")
-    ap.add_argument("--out", default="results")
+    ap.add_argument("--out", default=None, help="output folder (default runs/<dataset>/classifier)")
     args = ap.parse_args(argv)
     if args.csv:
         path = Path(args.csv)
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"no training CSV with time/train_s under runs/{args.dataset}/classifier/csv")
         path = candidates[-1]
     curve = read_curve(path)
-    out = Path(args.out) / args.dataset
+    out = Path(args.out or f"runs/{args.dataset}/classifier")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "classifier_curve.csv", "w", newline="") as f:
         w = csv.writer(f)

@@ -35,8 +35,8 @@ from datamodules import DATAMODULES
 from mixdefense.classifiers import load_classifier
 from mixdefense.metrics import detection_auroc
 from mixdefense.nets.cgan import load_cgan
-from mixdefense.nets.metric import load_metric
-from mixdefense.triplets import DISTANCES, embedding_distance, sample_confusable_labels, sample_wrong_labels
+from mixdefense.nets.metric import DISTANCES, embedding_distance, load_metric
+from mixdefense.triplets import sample_confusable_labels, sample_wrong_labels
 
 
 @torch.no_grad()

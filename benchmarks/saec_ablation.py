@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datamodules import DATAMODULES
-from mixdefense.saec import SAEC
+from mixdefense.layers.saec import SAEC
 
 AMPLITUDES = (2, 4, 8, 16, 32, 64, 128)  # in 1/255 units
 

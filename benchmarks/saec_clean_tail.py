@@ -22,7 +22,7 @@ import torch
 from torchvision.utils import save_image
 
 from datamodules import DATAMODULES
-from mixdefense.saec import load_saec
+from mixdefense.layers.saec import SAEC
 
 AMPLITUDES = (4, 8, 16)
 QUANTILES = (0.001, 0.01, 0.05, 0.5)
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
-    saec = load_saec(args.layer or f"artifacts/{args.dataset}/saec.pt")
+    saec = SAEC.load(args.layer or f"artifacts/{args.dataset}/saec.pt")
     if not saec.calibrated:
         raise SystemExit("the SAEC layer is not calibrated: run `make saec DATASET=...` first")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mixdefense.classifiers import Classifier, load_classifier
-from mixdefense.saec import SAEC
+from mixdefense.layers.saec import SAEC
 
 
 def _time(fn, repeats: int) -> float:

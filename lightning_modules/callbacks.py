@@ -10,7 +10,8 @@ import pytorch_lightning as pl
 import torch
 
 from mixdefense.classifiers import save_classifier
-from mixdefense.magnet import save_autoencoder
+from mixdefense.io import portable_path
+from mixdefense.layers.magnet import save_autoencoder
 from mixdefense.nets import save_cgan, save_metric
 
 
@@ -71,13 +72,14 @@ class ExportClassifier(pl.Callback):
         if source == "fit" and best:
             model = load_submodule(model, torch.load(best, map_location="cpu", weights_only=True), "model.")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        save_classifier(model.to(memory_format=torch.contiguous_format), self.path, source_checkpoint=best, metrics=metrics)
+        save_classifier(model.to(memory_format=torch.contiguous_format), self.path, source_checkpoint=portable_path(best),
+                        metrics=metrics)
         summary_path = self.path.with_suffix(".json")
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         if source == "fit":
             summary = {}  # a new fit starts a new record
         summary.update({"path": str(self.path), "size_bytes": self.path.stat().st_size})
-        summary[source] = {"source_checkpoint": best or None, "metrics": metrics}
+        summary[source] = {"source_checkpoint": portable_path(best), "metrics": metrics}
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         print(f"exported classifier to {self.path} ({summary['size_bytes'] / 1e6:.2f} MB)")
 
@@ -126,7 +128,7 @@ class ExportBestSubmodule(pl.Callback):
             model = load_submodule(model, checkpoint, self.attribute + ".")
             best_metric["global_step"] = checkpoint.get("global_step")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-        record = {"epochs": trainer.current_epoch, "global_step": trainer.global_step, "source_checkpoint": best or None,
+        record = {"epochs": trainer.current_epoch, "global_step": trainer.global_step, "source_checkpoint": portable_path(best),
                   "best": best_metric or None, "last_metrics": metrics}
         self.save(model, self.path, **record)
         summary = {"path": str(self.path), "size_bytes": self.path.stat().st_size, "config": model.config, **record}
@@ -145,7 +147,7 @@ class ExportCGAN(ExportBestSubmodule):
 
 
 class ExportAutoencoder(ExportBestSubmodule):
-    """Export MagNet's autoencoder (:func:`mixdefense.magnet.save_autoencoder`); the configs keep the
+    """Export MagNet's autoencoder (:func:`mixdefense.layers.magnet.save_autoencoder`); the configs keep the
     best checkpoint by ``val/mse``."""
 
     attribute, what = "autoencoder", "MagNet autoencoder"

@@ -56,8 +56,8 @@ from torchmetrics.functional.image import structural_similarity_index_measure as
 
 from lightning_modules.callbacks import ResumableRNG
 from mixdefense.classifiers import load_classifier
+from mixdefense.evaluation.reconstruction import figure8_grid, resize_for
 from mixdefense.nets import Encoder, Generator, ProjectionDiscriminator, Reconstructor
-from mixdefense.reconstruction import figure8_grid, resize_for
 
 
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ successful AEs are marked dropped (paper: 100).  Written to ``report_dir``:
 ``evaluation.json``, ``points.csv``, ``acc_detector.png`` (Figure 5), ``acc_rc.png``
 (Figure 6), ``detection_rate.png``; the same table and curves go to W&B when it is a logger.
 
-Baselines (issue 7; ``baselines: {name: file}``, :mod:`mixdefense.baselines`): detector
+Baselines (``baselines: {name: file}``, :mod:`mixdefense.evaluation.baselines`): detector
 baselines (Feature Squeezing, MagNet) score the *same* AEs and clean originals as the bundle's
 layers, with their own output label (MagNet: the classifier's label on the reformed input);
 robust classifiers (Madry) are attacked white-box with the same attacks, budgets and test
@@ -46,13 +46,9 @@ pixel units.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
-import math
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,22 +58,22 @@ from torchmetrics import CatMetric
 from tqdm.auto import tqdm
 
 from mixdefense.attacks import get_attack, perturbation_norm, run_attack, run_sweep
-from mixdefense.baselines import load_baseline
-from mixdefense.io import atomic_torch_save, atomic_write_text
-from mixdefense.metrics import (
-    acc_detector,
-    acc_robust_classifier,
-    detection_auroc,
-    tpr_at_fpr,
+from mixdefense.evaluation.baselines import load_baseline
+from mixdefense.evaluation.sweep import (
+    BASELINE_WIDTH,
+    COMPOSITE,
+    UNDEFENDED,
+    baseline_table,
+    comparison_table,
+    format_table,
+    summarize,
+    write_report,
 )
+from mixdefense.io import atomic_torch_save
 from mixdefense.pipeline import load_detector
-from mixdefense.plots import budget_curves
 from mixdefense.splits import check_disjoint_from_holdout
 
 LINF_UNIT = 255.0
-COMPOSITE = "mixdefense"
-UNDEFENDED = "undefended"
-BASELINE_WIDTH = 7  # [point, baseline, success, adv_correct, norm, adv margin, clean margin]
 
 
 def _points(attacks: dict[str, dict]) -> list[dict]:
@@ -112,7 +108,7 @@ class MixDefenseEvaluation(pl.LightningModule):
         title: figure title prefix (e.g. the dataset).
         examples: save this many clean images and, per attack, successful AEs (at its largest
             budget) as PNG files under ``report_dir/examples/`` (from the first batch).
-        baselines: ``{name: file}`` of compared defenses (:func:`mixdefense.baselines.load_baseline`:
+        baselines: ``{name: file}`` of compared defenses (:func:`mixdefense.evaluation.baselines.load_baseline`:
             Feature Squeezing / MagNet files, or a robust classifier file such as ``madry.pt``).
         seed: base of the per-batch seeds (batch ``i`` uses ``seed + i``).
         resume: reuse the finished batches of a killed run with the same settings.
@@ -227,7 +223,7 @@ class MixDefenseEvaluation(pl.LightningModule):
                                                  adv_m[:, keep].T.float(), clean_m[:, keep].T.float()], 1))
                     for b, det in detectors:
                         b_labels, b_margin = det.labels_and_margins(adv[keep])
-                        rows["baseline"].append(_baseline_table(point, b, success[keep], (b_labels == ya[keep]).float(), norm,
+                        rows["baseline"].append(baseline_table(point, b, success[keep], (b_labels == ya[keep]).float(), norm,
                                                                 b_margin, clean_b[b][keep]))
 
     def _attack_robust(self, b: int, baseline, x, y, rows):
@@ -247,7 +243,7 @@ class MixDefenseEvaluation(pl.LightningModule):
                 success, correct = (adv_labels != ya).float(), (adv_labels == ya).float()
                 for point, keep, norm in self._assign_points(name, ids, k, adv, xa):
                     z = torch.zeros_like(norm)
-                    rows["baseline"].append(_baseline_table(point, b, success[keep], correct[keep], norm, z, z))
+                    rows["baseline"].append(baseline_table(point, b, success[keep], correct[keep], norm, z, z))
 
     def _make_aes(self, name, model, xa, ya, ids) -> list[torch.Tensor]:
         with torch.inference_mode(False), torch.enable_grad():
@@ -339,162 +335,3 @@ def _as_table(metric: CatMetric, width: int) -> torch.Tensor:
         return torch.empty(0, width)
     t = t.detach().cpu().float()
     return t.view(-1, width) if t.numel() else torch.empty(0, width)
-
-
-def _baseline_table(point, b, success, correct, norm, adv_margin, clean_margin) -> torch.Tensor:
-    """Rows ``[n, BASELINE_WIDTH]`` of one compared defense on ``n`` AEs."""
-    return torch.stack([point, torch.full_like(point, float(b)), success, correct, norm,
-                        adv_margin.float(), clean_margin.float()], 1)
-
-
-def _point_row(p: dict, defense: str, success, correct_adv, norm, adv_score, clean_score, min_successes: int,
-               kept_by_aes: bool = False) -> dict:
-    """Every metric of one defense at one point; scores are margins (``> 1``: rejected)."""
-    n, n_succ = len(success), int(success.sum())
-    adv_rej, clean_rej = adv_score > 1, clean_score > 1
-    r = {"attack": p["attack"], "norm": p["norm"], "eps": p["eps"], "binned": p["binned"], "defense": defense,
-         "num_aes": n, "num_successful": n_succ, "attack_success_rate": n_succ / n if n else math.nan,
-         "kept": (n if kept_by_aes else n_succ) >= min_successes, "detection_rate": math.nan, "clean_rejection_rate": math.nan,
-         "acc_detector": math.nan, "acc_rc": acc_robust_classifier(adv_rej, correct_adv) if n else math.nan,
-         "auroc": math.nan, "tpr_at_5fpr": math.nan, "mean_norm": float(norm[success].mean()) if n_succ else math.nan}
-    if n_succ:
-        s = success
-        r.update(detection_rate=float(adv_rej[s].float().mean()), clean_rejection_rate=float(clean_rej[s].float().mean()),
-                 acc_detector=acc_detector(clean_rej[s], adv_rej[s]),
-                 auroc=detection_auroc(clean_score[s], adv_score[s]),
-                 tpr_at_5fpr=tpr_at_fpr(clean_score[s], adv_score[s], 0.05))
-    return r
-
-
-def summarize(ae: torch.Tensor, clean: torch.Tensor, points: list[dict], layer_names: list[str],
-              min_successes: int, baselines: list[str] | None = None, baseline_rows: torch.Tensor | None = None,
-              baseline_clean: torch.Tensor | None = None, robust: Sequence[str] = ()) -> dict:
-    """Every metric from the gathered rows (see :class:`MixDefenseEvaluation`).
-
-    Defenses: each bundle layer alone, the composite (``mixdefense``), the undefended classifier
-    (never rejects; Acc_RC = share of AEs still classified right) and each baseline (``robust``:
-    the names of robust classifiers, attacked on their own).  A robust classifier's points are
-    kept when it was attacked on ≥ ``min_successes`` images (its successes are few by design);
-    every other point needs ``min_successes`` successful AEs.
-    """
-    baselines = baselines or []
-    n_layers = len(layer_names)
-    defenses = {name: [i] for i, name in enumerate(layer_names)}
-    defenses[COMPOSITE] = list(range(n_layers))
-    correct, clean_m = clean[:, 0].bool(), clean[:, 1:]
-    clean_summary = {"images": int(len(clean)), "accuracy_classifier": float(correct.float().mean()) if len(clean) else math.nan}
-    rejected_all = (clean_m > 1).any(1)
-    clean_summary["accuracy_with_defense"] = float((correct & ~rejected_all).float().mean()) if len(clean) else math.nan
-    clean_summary["false_rejection"] = {d: float((clean_m[:, idx] > 1).any(1).float().mean()) if len(clean) else math.nan
-                                        for d, idx in defenses.items()}
-    bc = baseline_clean if baseline_clean is not None else torch.empty(0, 3)
-    bl = baseline_rows if baseline_rows is not None else torch.empty(0, BASELINE_WIDTH)
-    clean_summary["baselines"] = {}
-    for b, name in enumerate(baselines):
-        sel = bc[bc[:, 0] == b]
-        ok, rej = sel[:, 1].bool(), sel[:, 2] > 1
-        clean_summary["baselines"][name] = {
-            "images": len(sel), "accuracy": float((ok & ~rej).float().mean()) if len(sel) else math.nan,
-            "false_rejection": float(rej.float().mean()) if len(sel) else math.nan}
-    rows = []
-    for pid, p in enumerate(points):
-        sel = ae[ae[:, 0] == pid] if len(ae) else ae
-        success, correct_adv, norm = sel[:, 1].bool(), sel[:, 2].bool(), sel[:, 3]
-        adv_m, cl_m = sel[:, 4:4 + n_layers], sel[:, 4 + n_layers:]
-        for d, idx in defenses.items():
-            r = _point_row(p, d, success, correct_adv, norm, adv_m[:, idx].amax(1), cl_m[:, idx].amax(1), min_successes)
-            if d == COMPOSITE and r["num_successful"]:
-                s = success
-                first = torch.where((adv_m[s] > 1).any(1), (adv_m[s] > 1).int().argmax(1), torch.full((int(s.sum()),), -1))
-                for i, name in enumerate(layer_names):
-                    r[f"caught_by_{name}"] = float((first == i).float().mean())
-            rows.append(r)
-        never = torch.zeros(len(sel))
-        rows.append(_point_row(p, UNDEFENDED, success, correct_adv, norm, never, never, min_successes))
-        for b, name in enumerate(baselines):
-            bs = bl[(bl[:, 0] == pid) & (bl[:, 1] == b)] if len(bl) else bl
-            rows.append(_point_row(p, name, bs[:, 2].bool(), bs[:, 3].bool(), bs[:, 4], bs[:, 5], bs[:, 6], min_successes,
-                                   kept_by_aes=name in robust))
-    return {"clean": clean_summary, "layers": layer_names, "baselines": baselines, "robust": list(robust),
-            "min_successes": min_successes, "points": rows}
-
-
-def format_table(result: dict) -> str:
-    """The composite's points as a text table (attack, ε, attack success, Acc_detector, Acc_RC, catches)."""
-    c = result["clean"]
-    fr = ", ".join(f"{k} {100 * v:.1f} %" for k, v in c["false_rejection"].items())
-    lines = [f"clean ({c['images']} test images): accuracy {100 * c['accuracy_classifier']:.1f} % without the defense, "
-             f"{100 * c['accuracy_with_defense']:.1f} % with it (rejections count as errors); false rejection: {fr}",
-             "", f"{'attack':<16} {'eps':>9} {'AEs':>5} {'success':>8} {'Acc_det':>8} {'Acc_RC':>7} {'AUROC':>6}  caught by",]
-    for r in result["points"]:
-        if r["defense"] != COMPOSITE:
-            continue
-        eps = f"{r['eps'] * 255:.0f}/255" if r["norm"] == "linf" else f"{r['eps']:.2f}"
-        if r["binned"]:
-            eps = "≤" + eps
-        caught = ", ".join(f"{k[len('caught_by_'):]} {100 * v:.0f} %" for k, v in r.items() if k.startswith("caught_by_"))
-        flag = "" if r["kept"] else f"  (dropped: {r['num_successful']} successful AEs < {result['min_successes']})"
-        pct = lambda v: "   —" if v != v else f"{100 * v:.1f}"  # noqa: E731
-        auroc = "  —" if r["auroc"] != r["auroc"] else f"{r['auroc']:.3f}"
-        name = f"{r['attack']} ({r['norm']})" if r["binned"] else r["attack"]
-        lines.append(f"{name:<16} {eps:>9} {r['num_aes']:>5} {pct(r['attack_success_rate']):>8} "
-                     f"{pct(r['acc_detector']):>8} {pct(r['acc_rc']):>7} {auroc:>6}  {caught}{flag}")
-    return "\n".join(lines)
-
-
-def comparison_table(result: dict) -> str:
-    """Markdown: mean Acc_detector and Acc_RC per attack and compared defense, on common budgets.
-
-    Compared defenses: the composite, the detector baselines, the robust classifiers and the
-    undefended classifier.  Means run over the budget points the composite keeps (≥
-    ``min_successes`` successful AEs against the undefended classifier) that the defense keeps too
-    (``n`` = how many), so every column averages the same budgets.  Robust classifiers and the
-    undefended classifier never reject: their Acc_detector is not defined ("—")."""
-    never_reject = {*result.get("robust", []), UNDEFENDED}
-    names = [COMPOSITE, *result.get("baselines", []), UNDEFENDED]
-    common = {(r["attack"], r["norm"], r["eps"]) for r in result["points"] if r["defense"] == COMPOSITE and r["kept"]}
-    attacks = list(dict.fromkeys((r["attack"], r["norm"], r["binned"]) for r in result["points"]))
-    head = "| attack | " + " | ".join(f"{n} Acc_det / Acc_RC" for n in names) + " |"
-    lines = [head, "|" + "---|" * (len(names) + 1)]
-    fmt = lambda v: f"{100 * sum(v) / len(v):.1f}" if v else "—"  # noqa: E731
-    for attack, norm, binned in attacks:
-        cells = []
-        for n in names:
-            pts = [r for r in result["points"] if (r["attack"], r["norm"], r["binned"], r["defense"]) == (attack, norm, binned, n)
-                   and r["kept"] and (r["attack"], r["norm"], r["eps"]) in common]
-            det = [] if n in never_reject else [r["acc_detector"] for r in pts if r["acc_detector"] == r["acc_detector"]]
-            rc = [r["acc_rc"] for r in pts if r["acc_rc"] == r["acc_rc"]]
-            cells.append(f"{fmt(det)} / {fmt(rc)} (n={len(pts)})")
-        label = f"{attack} ({norm}, binned)" if binned else attack
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    c = result["clean"]
-    acc = {COMPOSITE: c["accuracy_with_defense"], UNDEFENDED: c["accuracy_classifier"],
-           **{n: v["accuracy"] for n, v in c.get("baselines", {}).items()}}
-    lines.append("| clean accuracy (rejections count as errors) | " + " | ".join(
-        f"{100 * acc[n]:.2f} %" if n in acc and acc[n] == acc[n] else "—" for n in names) + " |")
-    return "\n".join(lines)
-
-
-def write_report(result: dict, out: Path, title: str = "") -> None:
-    """``evaluation.json``, ``points.csv``, the Figure-5/6-style PNGs and, with baselines, the comparison."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "evaluation.json", json.dumps(result, indent=1) + "\n")
-    rows = result["points"]
-    if not rows:
-        return
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(out / "points.csv", buf.getvalue())
-    curve_rows = [{**r, "attack": f"{r['attack']} ({r['norm']})" if r["binned"] else r["attack"]} for r in rows]
-    bundle_rows = [r for r in curve_rows if r["defense"] in (*result["layers"], COMPOSITE)]
-    for metric in ("acc_detector", "acc_rc", "detection_rate"):
-        budget_curves(bundle_rows, out / f"{metric}.png", metrics=(metric,), title=f"{title} {metric}".strip())
-    if result.get("baselines"):
-        compared = [r for r in curve_rows if r["defense"] not in result["layers"]]
-        detectors = [r for r in compared if r["defense"] not in (*result.get("robust", []), UNDEFENDED)]
-        budget_curves(detectors, out / "compare_acc_detector.png", metrics=("acc_detector",), title=f"{title} Acc_detector".strip())
-        budget_curves(compared, out / "compare_acc_rc.png", metrics=("acc_rc",), title=f"{title} Acc_RC".strip())
-        atomic_write_text(out / "comparison.md", comparison_table(result) + "\n")

@@ -14,14 +14,14 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from mixdefense.magnet import MagNetAutoencoder
+from mixdefense.layers.magnet import MagNetAutoencoder
 
 
 class AutoencoderModule(pl.LightningModule):
-    """Denoising training of :class:`mixdefense.magnet.MagNetAutoencoder`.
+    """Denoising training of :class:`mixdefense.layers.magnet.MagNetAutoencoder`.
 
     Args:
-        in_channels, hidden, pool: the autoencoder (see :class:`~mixdefense.magnet.MagNetAutoencoder`).
+        in_channels, hidden, pool: the autoencoder (see :class:`~mixdefense.layers.magnet.MagNetAutoencoder`).
         noise: σ of the Gaussian noise on the training inputs ([0, 1] pixel units).
         lr, weight_decay: Adam(W) settings.
     """

@@ -44,15 +44,14 @@ from torch.utils.data import DataLoader
 
 from mixdefense.attacks import run_attack
 from mixdefense.classifiers import load_classifier
+from mixdefense.evaluation.plots import score_histograms
 from mixdefense.metrics import detection_auroc
 from mixdefense.nets.cgan import load_cgan
-from mixdefense.nets.metric import EmbeddingNet
-from mixdefense.plots import score_histograms
+from mixdefense.nets.metric import EmbeddingNet, embedding_distance
 from mixdefense.triplets import (
     ReferenceBank,
     TripletObjective,
     adversarial_anchors,
-    embedding_distance,
     reconstruction_references,
     sample_confusable_labels,
     sample_wrong_labels,

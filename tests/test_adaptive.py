@@ -10,7 +10,7 @@ import torch
 import torchattacks
 from scipy.stats import spearmanr
 
-from mixdefense.adaptive import (
+from mixdefense.attacks.adaptive import (
     PipelineObjective,
     SoftSAEC,
     adaptive_pgd,
@@ -24,8 +24,8 @@ from mixdefense.adaptive import (
     soft_pseudo_saturation,
     support_mask,
 )
+from mixdefense.layers.saec import SAEC, batched_histogram, pseudo_saturation
 from mixdefense.pipeline import load_detector
-from mixdefense.saec import SAEC, batched_histogram, load_saec, pseudo_saturation
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_BUNDLE = REPO / "artifacts/mnist/detector.pt"
@@ -87,7 +87,7 @@ def test_surrogate_score_ranks_like_the_real_one(data_root, dataset):
     path = REPO / f"artifacts/{dataset}/saec.pt"
     if not path.exists():
         pytest.skip(f"{path} not found")
-    saec = load_saec(path)
+    saec = SAEC.load(path)
     x, _ = _images(data_root, dataset, 100)
     g = torch.Generator().manual_seed(1)
     amp = 4 / 255 + torch.rand(len(x), 1, 1, 1, generator=g) * 60 / 255
@@ -274,8 +274,8 @@ def test_adaptive_report_writes_its_files(data_root, tmp_path, detector):
 
 def test_adaptive_recalibrates_on_the_holdout_and_records_it(data_root):
     """``--calibration-split holdout``: ContraNet is recalibrated on the last test images, the record says which."""
-    from mixdefense.adaptive_report import ensure_frr
     from mixdefense.cli import load_calibration_images
+    from mixdefense.commands.adaptive import ensure_frr
 
     def load(dataset, split, n):
         return load_calibration_images(dataset, split, n, data_root=str(data_root))

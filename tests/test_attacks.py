@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixdefense.attacks import ATTACKS, fgm_sweep, fgsm_sweep, perturbation_norm, run_attack, run_sweep
+from mixdefense.attacks import (
+    ATTACKS,
+    fgm_sweep,
+    fgsm_sweep,
+    perturbation_norm,
+    run_attack,
+    run_sweep,
+)
 from mixdefense.classifiers import Classifier
 
 

@@ -11,11 +11,26 @@ import torch
 import torch.nn as nn
 from scipy.ndimage import median_filter as scipy_median
 
-from mixdefense.baselines import DetectorBaseline, RobustClassifier, load_baseline
 from mixdefense.classifiers import Classifier, load_classifier, save_classifier
-from mixdefense.magnet import MagNet, MagNetAutoencoder, jensen_shannon, load_magnet, parse_detector, save_magnet
+from mixdefense.evaluation.baselines import (
+    DetectorBaseline,
+    RobustClassifier,
+    load_baseline,
+)
+from mixdefense.layers.magnet import (
+    MagNet,
+    MagNetAutoencoder,
+    jensen_shannon,
+    parse_detector,
+)
+from mixdefense.layers.squeezing import (
+    FeatureSqueezing,
+    bit_depth,
+    median_filter,
+    parse_squeezer,
+    squeeze,
+)
 from mixdefense.pipeline import MixDefense, load_detector, save_bundle
-from mixdefense.squeezing import FeatureSqueezing, bit_depth, load_squeezing, median_filter, parse_squeezer, save_squeezing, squeeze
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,11 +98,11 @@ def test_feature_squeezing_calibration_hits_its_target_and_round_trips(tmp_path)
     cal = fs.calibrate(x, 0.05)
     assert cal.achieved_frr <= 0.05 and cal.achieved_frr >= 0.04  # continuous scores: the quantile lands on target
     assert fs(x).float().mean().item() == pytest.approx(cal.achieved_frr)
-    save_squeezing(fs, tmp_path / "fs.pt")
-    back = load_squeezing(tmp_path / "fs.pt", clf)
+    fs.save(tmp_path / "fs.pt")
+    back = FeatureSqueezing.load(tmp_path / "fs.pt", clf)
     assert torch.equal(back.margin(x[:50]), fs.margin(x[:50]))
     with pytest.raises(RuntimeError, match="bind"):
-        load_squeezing(tmp_path / "fs.pt").score(x[:2])
+        FeatureSqueezing.load(tmp_path / "fs.pt").score(x[:2])
 
 
 def test_feature_squeezing_rejects_bad_images():
@@ -123,8 +138,8 @@ def test_magnet_scores_equal_the_formulas_and_calibration_hits_target(tmp_path):
     assert cal.achieved_frr <= 0.05 and cal.achieved_frr >= 0.03
     assert magnet(x).float().mean().item() == pytest.approx(cal.achieved_frr)
     assert torch.equal(magnet.reformed_labels(x[:4]), clf(ae(x[:4])).argmax(1))
-    save_magnet(magnet, tmp_path / "m.pt")
-    back = load_magnet(tmp_path / "m.pt", clf)
+    magnet.save(tmp_path / "m.pt")
+    back = MagNet.load(tmp_path / "m.pt", clf)
     assert torch.allclose(back.margin(x[:20]), magnet.margin(x[:20]))
     for bad in ("l3", "jsd", "jsd:-1", "kl:10"):
         with pytest.raises(ValueError, match="MagNet detector"):
@@ -162,7 +177,7 @@ def test_load_baseline_by_file_kind(tmp_path):
     clf = _tiny_classifier()
     fs = FeatureSqueezing(["bits:1"], clf)
     fs.calibrate(torch.rand(50, 1, 28, 28), 0.05)
-    save_squeezing(fs, tmp_path / "fs.pt")
+    fs.save(tmp_path / "fs.pt")
     save_classifier(_tiny_classifier(1), tmp_path / "madry.pt")
     assert isinstance(load_baseline("fs", tmp_path / "fs.pt", clf), DetectorBaseline)
     robust = load_baseline("madry", tmp_path / "madry.pt", clf)

@@ -9,7 +9,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_modules.cgan import CGANModule, kl_to_standard_normal, linear_decay, random_wrong_labels
+from lightning_modules.cgan import (
+    CGANModule,
+    kl_to_standard_normal,
+    linear_decay,
+    random_wrong_labels,
+)
 
 
 def _tiny(**kw) -> CGANModule:

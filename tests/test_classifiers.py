@@ -7,7 +7,13 @@ import pickle
 import pytest
 import torch
 
-from mixdefense.classifiers import ARCHITECTURES, NORMALIZATION, Classifier, load_classifier, save_classifier
+from mixdefense.classifiers import (
+    ARCHITECTURES,
+    NORMALIZATION,
+    Classifier,
+    load_classifier,
+    save_classifier,
+)
 
 CASES = [
     ("lenet", 10, 1, 28, {}),

@@ -12,13 +12,16 @@ from mixdefense.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every Lightning stage composes with the shared blocks first (the header of each experiments/<ds>/<stage>.yaml).
+COMMON = ["--config", str(REPO / "experiments/common/trainer.yaml"), "--config", str(REPO / "experiments/common/loggers.yaml")]
+
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10", "gtsrb"])
 def test_fit_fast_dev_run_on_each_dataset(data_root, dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the configs write runs/ and checkpoints/ relative to the working dir
     config = REPO / "experiments" / dataset / "classifier.yaml"
     code = main([
-        "fit", "--config", str(config),
+        "fit", *COMMON, "--config", str(config),
         "--trainer.fast_dev_run=2", "--trainer.accelerator=cpu",
         f"--data.init_args.data_root={data_root.resolve()}", "--data.init_args.batch_size=16",
     ])
@@ -41,7 +44,7 @@ def test_help_and_unknown_command(capsys):
 
 def test_unknown_config_key_is_one_clear_error_before_training(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "mixdefense.cli", "fit", "--config", str(REPO / "experiments/mnist/classifier.yaml"),
+        [sys.executable, "-m", "mixdefense.cli", "fit", *COMMON, "--config", str(REPO / "experiments/mnist/classifier.yaml"),
          "--model.init_args.learning_rat=0.1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
@@ -54,7 +57,7 @@ def test_unknown_config_key_is_one_clear_error_before_training(tmp_path):
 def test_cgan_fast_dev_run_on_each_dataset(data_root, dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main([
-        "fit", "--config", str(REPO / "experiments" / dataset / "cgan.yaml"),
+        "fit", *COMMON, "--config", str(REPO / "experiments" / dataset / "cgan.yaml"),
         "--trainer.fast_dev_run=1", "--trainer.accelerator=cpu", "--trainer.logger=false",
         f"--model.init_args.binding_classifier={REPO / 'artifacts' / dataset / 'classifier.pt'}",
         f"--data.init_args.data_root={data_root.resolve()}", "--data.init_args.batch_size=8",
@@ -67,7 +70,7 @@ def test_cgan_fast_dev_run_on_each_dataset(data_root, dataset, tmp_path, monkeyp
 def test_cgan_paper_profiles_parse(dataset, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(REPO / "experiments" / dataset / "cgan_paper.yaml"), "--print_config"])
+        main(["fit", *COMMON, "--config", str(REPO / "experiments" / dataset / "cgan_paper.yaml"), "--print_config"])
     assert stop.value.code == 0
     assert "latent_dim: 128" in capsys.readouterr().out
 
@@ -75,7 +78,7 @@ def test_cgan_paper_profiles_parse(dataset, tmp_path, monkeypatch, capsys):
 def _fit_two_batches(config: str, data_root: Path) -> int:
     """``mixdefense fit`` of a repository config on two batches of 8 images and one validation batch."""
     return main([
-        "fit", "--config", str(REPO / config), "--trainer.accelerator=cpu",
+        "fit", *COMMON, "--config", str(REPO / config), "--trainer.accelerator=cpu",
         "--trainer.logger=false", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
         "--trainer.val_check_interval=1.0", "--trainer.max_epochs=1",
         f"--data.init_args.data_root={data_root.resolve()}", "--data.init_args.batch_size=8",
@@ -91,12 +94,13 @@ def test_cgan_trains_exports_and_evaluates_end_to_end(data_root, tmp_path, monke
     (tmp_path / "artifacts/mnist").mkdir(parents=True)
     (tmp_path / "artifacts/mnist/classifier.pt").write_bytes((REPO / "artifacts/mnist/classifier.pt").read_bytes())
     assert _fit_two_batches("experiments/mnist/cgan.yaml", data_root) == 0
-    record = json.loads((tmp_path / "artifacts/mnist/cgan.json").read_text())
+    record = json.loads((tmp_path / "artifacts/candidates/mnist/cgan.json").read_text())
     assert record["global_step"] == 2 * 3 and record["config"]["latent_dim"] == 16  # 3 optimizer steps per batch
     assert record["source_checkpoint"].endswith("best.ckpt") and "val/select" in record["best"]  # the best by SSIM × binding
     assert list((tmp_path / "runs/mnist/cgan").rglob("grids/step*.png"))  # the Figure-8 grid of the validation
     monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))
-    assert main(["cgan", "evaluate", "--dataset", "mnist", "--num-images", "20"]) == 0
+    assert main(["cgan", "evaluate", "--dataset", "mnist", "--weights", "artifacts/candidates/mnist/cgan.pt",
+                 "--num-images", "20"]) == 0
     report = json.loads((tmp_path / "results/mnist/cgan/cgan_eval.json").read_text())
     assert report["num_images"] == 20 and 0 <= report["binding"] <= 1 and -1 <= report["ssim_mean"] <= 1
     assert (tmp_path / "results/mnist/cgan/figure8.png").is_file()
@@ -108,7 +112,7 @@ def test_cgan_trains_exports_and_evaluates_end_to_end(data_root, tmp_path, monke
 def test_metric_profiles_parse(dataset, profile, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(REPO / "experiments" / dataset / profile), "--print_config"])
+        main(["fit", *COMMON, "--config", str(REPO / "experiments" / dataset / profile), "--print_config"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
     assert "MetricModule" in out and ("mobilenet_v2" in out) == (profile == "metric_paper.yaml")
@@ -118,32 +122,36 @@ def test_metric_trains_exports_and_contranet_evaluates_end_to_end(data_root, tmp
     """Two batches of triplet training write M; `mixdefense contranet evaluate` calibrates, saves and attacks."""
     import json
 
-    from mixdefense.contranet import load_contranet
+    from mixdefense.layers.contranet import ContraNet
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "artifacts/mnist").mkdir(parents=True)
     for name in ("classifier.pt", "cgan.pt"):
         (tmp_path / "artifacts/mnist" / name).write_bytes((REPO / "artifacts/mnist" / name).read_bytes())
     assert _fit_two_batches("experiments/mnist/metric.yaml", data_root) == 0
-    record = json.loads((tmp_path / "artifacts/mnist/metric.json").read_text())
+    record = json.loads((tmp_path / "artifacts/candidates/mnist/metric.json").read_text())
     assert record["config"]["embedding_dim"] == 12 and "val/auroc" in record["best"]
     monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))
-    assert main(["contranet", "evaluate", "--dataset", "mnist", "--num-images", "40", "--calibration-images", "40",
+    assert main(["contranet", "evaluate", "--dataset", "mnist", "--metric", "artifacts/candidates/mnist/metric.pt",
+                 "--num-images", "40", "--calibration-images", "40",
                  "--eps", "8", "--attacks", "fgsm", "--min-successes", "1", "--wrong-labels", "1"]) == 0
     report = json.loads((tmp_path / "results/mnist/contranet/contranet_eval.json").read_text())
     assert set(report["label_auroc"]) == set(report["label_auroc_confusable"]) == {"metric", "l2", "ssim", "metric+ssim"}
     assert all(c["achieved_frr"] <= 0.05 for c in report["calibration"].values())
     assert {r["defense"] for r in report["attacks"]} == set(report["label_auroc"])
     assert (tmp_path / "results/mnist/contranet/label_scores.png").is_file()
-    detector = load_contranet(tmp_path / "artifacts/mnist/contranet.pt")
+    detector = ContraNet.load(tmp_path / "artifacts/candidates/mnist/contranet.pt")
     assert detector.calibrated and detector.scores == ("metric",)
     assert "Label AUROC" in capsys.readouterr().out
 
 
 def test_bundle_command_assembles_and_checks_the_detector(data_root, tmp_path, monkeypatch, capsys):
+    """The bundle is calibrated at the operating point of --config, records its parts' hashes, and goes
+    to artifacts/candidates/<ds>/ unless --out says otherwise (a shipped file is never replaced by default)."""
     import json
 
     import mixdefense
+    from mixdefense.commands.bundle import check_parts
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))
@@ -151,11 +159,32 @@ def test_bundle_command_assembles_and_checks_the_detector(data_root, tmp_path, m
     parts.mkdir()
     for name in ("classifier.pt", "saec.pt", "contranet.pt"):
         (parts / name).write_bytes((REPO / "artifacts/mnist" / name).read_bytes())
-    assert main(["bundle", "--dataset", "mnist", "--parts", str(parts), "--check-images", "60",
-                 "--contranet-frr", "0.02", "--calibration-images", "200"]) == 0
+    config = tmp_path / "detector.yaml"
+    config.write_text("calibration_split: val\ncontranet_frr: 0.02\ncalibration_images: 200\nbaseline_frr: 0.05\n")
+    assert main(["bundle", "--dataset", "mnist", "--parts", str(parts), "--check-images", "60", "--config", str(config)]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["bundle"] == "artifacts/candidates/mnist/detector.pt" and not (parts / "detector.pt").exists()
     assert report["contranet_calibration"]["achieved_frr"] <= 0.02
+    assert report["contranet_calibration"]["num_images"] == 200
     check = report["clean_check"]
     assert check["images"] == 60 and check["accuracy_with_defense"] <= check["accuracy_classifier"]
-    detector = mixdefense.load_detector(parts / "detector.pt")
+    detector = mixdefense.load_detector(tmp_path / "artifacts/candidates/mnist/detector.pt")
     assert detector.layer_names == ["saec", "contranet"] and detector.record["clean_check"] == check
+    assert check_parts(detector.record, parts) == []
+    with open(parts / "saec.pt", "ab") as f:  # any change to a part is seen
+        f.write(b"\0")
+    assert check_parts(detector.record, parts) == ["saec.pt"]
+
+
+def test_operating_point_config_is_checked(tmp_path):
+    from mixdefense.commands import operating_point
+
+    assert operating_point("nowhere")["source"] == "defaults"
+    bad = tmp_path / "detector.yaml"
+    bad.write_text("contranet_frr: 1.5\n")
+    with pytest.raises(ValueError, match="contranet_frr"):
+        operating_point("mnist", bad)
+    bad.write_text("contranet_fr: 0.01\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        operating_point("mnist", bad)
+    assert operating_point("gtsrb", REPO / "experiments/gtsrb/detector.yaml")["calibration_split"] == "holdout"

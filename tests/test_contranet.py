@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mixdefense.contranet import ContraNet, load_contranet, or_calibrate, save_contranet
+from mixdefense.layers.contranet import ContraNet, or_calibrate
 from mixdefense.nets import EmbeddingNet, Reconstructor, load_metric, save_metric
+from mixdefense.nets.metric import embedding_distance
 from mixdefense.triplets import (
     ReferenceBank,
     TripletObjective,
-    embedding_distance,
     reconstruction_references,
     sample_confusable_labels,
     sample_wrong_labels,
@@ -183,8 +183,8 @@ def test_state_dict_and_bundle_round_trip(tmp_path):
     other.load_state_dict(det.state_dict())
     assert torch.equal(other.thresholds, det.thresholds)
     torch.testing.assert_close(other.score(x, y), det.score(x, y))
-    save_contranet(det, tmp_path / "c.pt")
-    loaded = load_contranet(tmp_path / "c.pt")
+    det.save(tmp_path / "c.pt")
+    loaded = ContraNet.load(tmp_path / "c.pt")
     assert torch.equal(loaded(x, y), det(x, y)) and loaded.calibration == det.calibration
 
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules import CIFAR10DataModule, DatasetNotFoundError, GTSRBDataModule, MNISTDataModule
+from datamodules import (
+    CIFAR10DataModule,
+    DatasetNotFoundError,
+    GTSRBDataModule,
+    MNISTDataModule,
+)
 from datamodules.base import random_hflip, random_translate
 
 # (class, train + val, test, channels, size, classes)
 REAL = [
     (MNISTDataModule, 60000, 10000, 1, 28, 10),
-    (CIFAR10DataModule, 50000, 1000, 3, 32, 10),  # this machine's copy: the first 1,000 official test images
+    (CIFAR10DataModule, 50000, 10000, 3, 32, 10),  # the full official test set
     (GTSRBDataModule, 39209, 12630, 3, 32, 43),
 ]
 

@@ -10,15 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules.evaluation import _points, summarize
+from lightning_modules.evaluation import _points
 from mixdefense.classifiers import load_classifier
 from mixdefense.cli import load_images, main
-from mixdefense.contranet import ContraNet
+from mixdefense.evaluation.sweep import summarize
+from mixdefense.layers.contranet import ContraNet
+from mixdefense.layers.saec import SAEC
 from mixdefense.nets import EmbeddingNet, Reconstructor
 from mixdefense.pipeline import MixDefense, save_bundle
-from mixdefense.saec import load_saec
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Every Lightning stage composes with the shared blocks first (the header of each experiments/<ds>/<stage>.yaml).
+COMMON = ["--config", str(REPO / "experiments/common/trainer.yaml"), "--config", str(REPO / "experiments/common/loggers.yaml")]
 ATTACKS = "{fgsm: {budgets: [8, 64]}, cw: {bins: {l2: [1.0, 3.0]}, steps: 10}}"
 
 
@@ -65,12 +69,12 @@ def mnist_bundle(tmp_path_factory, data_root):
     x, _ = load_images("mnist", "val", 200, data_root=str(data_root))
     contranet.calibrate(x, clf(x).argmax(1), 0.1)
     path = tmp_path_factory.mktemp("bundle") / "detector.pt"
-    save_bundle(MixDefense(clf, [load_saec(REPO / "artifacts/mnist/saec.pt"), contranet]), path)
+    save_bundle(MixDefense(clf, [SAEC.load(REPO / "artifacts/mnist/saec.pt"), contranet]), path)
     return path
 
 
 def _test_args(bundle: Path, out: Path, data_root: Path) -> list[str]:
-    return ["test", "--config", str(REPO / "experiments/mnist/evaluate_quick.yaml"), "--trainer.accelerator=cpu",
+    return ["test", *COMMON, "--config", str(REPO / "experiments/mnist/evaluate_quick.yaml"), "--trainer.accelerator=cpu",
             "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--model.init_args.bundle={bundle}",
             f"--model.init_args.report_dir={out}", "--model.init_args.min_successes=1",
             f"--model.init_args.attacks={ATTACKS}", f"--data.init_args.data_root={data_root.resolve()}",
@@ -119,18 +123,18 @@ def test_baselines_on_the_same_curves(mnist_bundle, tmp_path, data_root, monkeyp
 
     The 'robust classifier' here is the bundle's own LeNet: attacked with the same deterministic
     FGSM on the same images it must give exactly the undefended classifier's Acc_RC."""
-    from mixdefense.magnet import MagNet, MagNetAutoencoder, save_magnet
-    from mixdefense.squeezing import FeatureSqueezing, save_squeezing
+    from mixdefense.layers.magnet import MagNet, MagNetAutoencoder
+    from mixdefense.layers.squeezing import FeatureSqueezing
 
     monkeypatch.chdir(tmp_path)
     clf = load_classifier(REPO / "artifacts/mnist/classifier.pt")
     x, _ = load_images("mnist", "val", 200, data_root=str(data_root))
     fs = FeatureSqueezing(["bits:1", "median:2"], clf)
     fs.calibrate(x, 0.05)
-    save_squeezing(fs, tmp_path / "fs.pt")
+    fs.save(tmp_path / "fs.pt")
     magnet = MagNet(MagNetAutoencoder(1), ["l1", "jsd:10"], clf)
     magnet.calibrate(x, 0.05)
-    save_magnet(magnet, tmp_path / "magnet.pt")
+    magnet.save(tmp_path / "magnet.pt")
     baselines = f"{{fs: {tmp_path / 'fs.pt'}, magnet: {tmp_path / 'magnet.pt'}, same_lenet: {REPO / 'artifacts/mnist/classifier.pt'}}}"
     args = _test_args(mnist_bundle, tmp_path / "report", data_root) + [f"--model.init_args.baselines={baselines}",
                                                                        "--model.init_args.attacks={fgsm: {budgets: [16, 64]}}"]
@@ -211,7 +215,7 @@ def test_ddp_on_two_cpu_processes_gives_the_same_metrics(mnist_bundle, tmp_path,
 
 
 def test_comparison_table_averages_common_budgets_and_leaves_acc_detector_of_non_rejecting_defenses_blank():
-    from lightning_modules.evaluation import comparison_table
+    from mixdefense.evaluation.sweep import comparison_table
 
     def row(defense, eps, kept, det, rc):
         return {"attack": "fgsm", "norm": "linf", "eps": eps, "binned": False, "defense": defense, "kept": kept,

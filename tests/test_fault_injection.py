@@ -23,10 +23,16 @@ import torch
 
 from mixdefense.classifiers import Classifier, load_classifier, save_classifier
 from mixdefense.cli import check_ckpt_path, load_images, main
-from mixdefense.contranet import ContraNet, load_contranet, save_contranet
-from mixdefense.nets import EmbeddingNet, Reconstructor, load_cgan, load_metric, save_cgan
+from mixdefense.layers.contranet import ContraNet
+from mixdefense.layers.saec import SAEC
+from mixdefense.nets import (
+    EmbeddingNet,
+    Reconstructor,
+    load_cgan,
+    load_metric,
+    save_cgan,
+)
 from mixdefense.pipeline import MixDefense, load_detector, save_bundle
-from mixdefense.saec import SAEC, load_saec, save_saec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -349,8 +355,8 @@ class Payload:
 LOADERS: dict[str, Callable[[Path], object]] = {
     "load_detector": load_detector,
     "load_classifier": load_classifier,
-    "load_saec": load_saec,
-    "load_contranet": load_contranet,
+    "SAEC.load": SAEC.load,
+    "ContraNet.load": ContraNet.load,
     "load_cgan": load_cgan,
     "load_metric": load_metric,
     "ckpt_path": lambda p: check_ckpt_path(["fit", "--ckpt_path", str(p)]),
@@ -461,10 +467,10 @@ def test_a_part_saved_for_another_format_is_refused(tmp_path):
     save_cgan(Reconstructor(1, 16, 10, 4, (4, 8), (8, 8, 8, 4)), tmp_path / "cgan.pt")
     with pytest.raises(ValueError, match="not a MixDefense detector bundle"):
         load_detector(tmp_path / "cgan.pt")
-    save_saec(_saec(), tmp_path / "saec.pt")
+    _saec().save(tmp_path / "saec.pt")
     with pytest.raises(ValueError, match="not a MixDefense ContraNet"):
-        load_contranet(tmp_path / "saec.pt")
-    save_contranet(_contranet(), tmp_path / "contranet.pt")
+        ContraNet.load(tmp_path / "saec.pt")
+    _contranet().save(tmp_path / "contranet.pt")
     with pytest.raises(ValueError, match="not a MixDefense classifier"):
         load_classifier(tmp_path / "contranet.pt")
 

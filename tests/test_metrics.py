@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixdefense.metrics import acc_detector, acc_robust_classifier, detection_auroc, tpr_at_fpr
+from mixdefense.metrics import (
+    acc_detector,
+    acc_robust_classifier,
+    detection_auroc,
+    tpr_at_fpr,
+)
 
 T, F = True, False
 

@@ -129,7 +129,7 @@ class _Identity(torch.nn.Module):
 
 
 def test_binding_counts_every_wrong_label_once():
-    from mixdefense.reconstruction import evaluate_reconstructions
+    from mixdefense.evaluation.reconstruction import evaluate_reconstructions
 
     x, y = torch.zeros(20, 1, 8, 8), torch.arange(20) % 10
     obeys = evaluate_reconstructions(_Identity(), _ReadsItsLabel(True), _PixelClassifier(), x, y, 10, batch_size=7,

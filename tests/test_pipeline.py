@@ -8,10 +8,10 @@ import torch.nn as nn
 
 import mixdefense
 from mixdefense.classifiers import Classifier
-from mixdefense.contranet import ContraNet
+from mixdefense.layers.contranet import ContraNet
+from mixdefense.layers.saec import SAEC
 from mixdefense.nets import EmbeddingNet, Reconstructor
 from mixdefense.pipeline import MixDefense, save_bundle
-from mixdefense.saec import SAEC
 
 
 class CountingClassifier(Classifier):

@@ -7,8 +7,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mixdefense.metrics import acc_detector, acc_robust_classifier, detection_auroc, tpr_at_fpr
-from mixdefense.saec import SAEC, batched_histogram
+from mixdefense.layers.saec import SAEC, batched_histogram
+from mixdefense.metrics import (
+    acc_detector,
+    acc_robust_classifier,
+    detection_auroc,
+    tpr_at_fpr,
+)
 
 bools = st.lists(st.booleans(), min_size=1, max_size=64)
 

@@ -10,8 +10,8 @@ import torch
 
 from mixdefense.attacks import run_attack
 from mixdefense.cli import load_images
+from mixdefense.layers.saec import SAEC
 from mixdefense.pipeline import MixDefense, load_detector
-from mixdefense.saec import SAEC
 
 REPO = Path(__file__).resolve().parents[1]
 

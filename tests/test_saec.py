@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixdefense.saec import KERNELS, SAEC, batched_histogram, choose_threshold_below, kernel_tensor, pseudo_saturation
+from mixdefense.layers.saec import (
+    KERNELS,
+    SAEC,
+    batched_histogram,
+    choose_threshold_below,
+    kernel_tensor,
+    pseudo_saturation,
+)
 
 
 def _cifar(data_root, n=64):

@@ -29,6 +29,9 @@ from mixdefense.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every Lightning stage composes with the shared blocks first (the header of each experiments/<ds>/<stage>.yaml).
+COMMON = ["--config", str(REPO / "experiments/common/trainer.yaml"), "--config", str(REPO / "experiments/common/loggers.yaml")]
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSIFIER_CFG = REPO / "experiments/mnist/classifier.yaml"
@@ -40,7 +43,7 @@ def _fit_must_stop(args: list[str], tmp_path: Path, monkeypatch, capsys) -> str:
     before training (no run folder, no checkpoint).  Returns what it printed on stderr."""
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(CLASSIFIER_CFG), "--trainer.accelerator=cpu", *args])
+        main(["fit", *COMMON, "--config", str(CLASSIFIER_CFG), "--trainer.accelerator=cpu", *args])
     assert stop.value.code not in (0, None)
     out = capsys.readouterr()
     assert "Epoch" not in out.out + out.err and "Traceback" not in out.err
@@ -79,7 +82,7 @@ def test_a_missing_ckpt_path_stops_at_start_up(form, tmp_path, monkeypatch, caps
 def test_a_missing_binding_classifier_stops_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises((FileNotFoundError, ValueError), match="binding_classifier not found: nowhere.pt"):
-        main(["fit", "--config", str(REPO / "experiments/mnist/cgan.yaml"), "--trainer.accelerator=cpu",
+        main(["fit", *COMMON, "--config", str(REPO / "experiments/mnist/cgan.yaml"), "--trainer.accelerator=cpu",
               "--trainer.logger=false", "--model.init_args.binding_classifier=nowhere.pt"])
     assert not (tmp_path / "checkpoints").exists()
 
@@ -181,7 +184,8 @@ def _derived_config(src: Path, dst: Path, data_root: Path, trainer: dict, data: 
     the first ModelCheckpoint's settings replaced by ``checkpoint``."""
     cfg = yaml.safe_load(src.read_text())
     cfg["trainer"].update({"accelerator": "cpu", **trainer})
-    cfg["trainer"]["logger"] = [c for c in cfg["trainer"]["logger"] if c["class_path"].endswith("CSVLogger")]
+    cfg["trainer"]["logger"] = [  # one logger: replaces experiments/common/loggers.yaml's CSV + W&B pair
+        {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": cfg["trainer"]["default_root_dir"], "name": "csv"}}]
     if checkpoint is not None:
         first = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
         first["init_args"].update(checkpoint)
@@ -191,7 +195,7 @@ def _derived_config(src: Path, dst: Path, data_root: Path, trainer: dict, data: 
 
 
 def _fit_cmd(config: Path, *extra: str) -> list[str]:
-    return [str(Path(sys.executable).with_name("mixdefense")), "fit", "--config", str(config), *extra]
+    return [str(Path(sys.executable).with_name("mixdefense")), "fit", *COMMON, "--config", str(config), *extra]
 
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}  # see the one_thread fixture

@@ -13,6 +13,9 @@ from mixdefense.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every Lightning stage composes with the shared blocks first (the header of each experiments/<ds>/<stage>.yaml).
+COMMON = ["--config", str(REPO / "experiments/common/trainer.yaml"), "--config", str(REPO / "experiments/common/loggers.yaml")]
+
 
 @pytest.mark.slow
 def test_mnist_lenet_trains_exports_and_reloads(data_root, tmp_path, monkeypatch):
@@ -21,12 +24,12 @@ def test_mnist_lenet_trains_exports_and_reloads(data_root, tmp_path, monkeypatch
     cfg = str(REPO / "experiments/mnist/classifier.yaml")
     common = [f"--data.init_args.data_root={data_root.resolve()}", "--data.init_args.train_subset=12000",
               "--trainer.accelerator=cpu", "--trainer.max_epochs=1"]
-    assert main(["fit", "--config", cfg, *common]) == 0
+    assert main(["fit", *COMMON, "--config", cfg, *common]) == 0
     assert (tmp_path / "checkpoints/mnist/classifier/best.ckpt").exists()
-    assert main(["test", "--config", cfg, *common, "--ckpt_path", "checkpoints/mnist/classifier/best.ckpt"]) == 0
-    summary = json.loads((tmp_path / "artifacts/mnist/classifier.json").read_text())
+    assert main(["test", *COMMON, "--config", cfg, *common, "--ckpt_path", "checkpoints/mnist/classifier/best.ckpt"]) == 0
+    summary = json.loads((tmp_path / "artifacts/candidates/mnist/classifier.json").read_text())
     assert summary["test"]["metrics"]["test/acc"] > 0.95
-    model = load_classifier(tmp_path / "artifacts/mnist/classifier.pt")
+    model = load_classifier(tmp_path / "artifacts/candidates/mnist/classifier.pt")
     from datamodules import MNISTDataModule
 
     dm = MNISTDataModule(data_root=str(data_root), test_subset=1000)

@@ -39,6 +39,8 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "gtsrb": ((0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669)),
 }
 
+CLASSIFIER_FORMAT = "mixdefense.classifier/1"
+
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel; mean and std are buffers saved with the model."""
@@ -257,7 +259,7 @@ def save_classifier(model: Classifier, path: str | Path, **metadata: Any) -> Pat
     The file loads with ``torch.load(path, weights_only=True)``: no pickled code.
     """
     payload = {
-        "format": "mixdefense.classifier/1",
+        "format": CLASSIFIER_FORMAT,
         "config": model.config,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": metadata,
@@ -267,7 +269,7 @@ def save_classifier(model: Classifier, path: str | Path, **metadata: Any) -> Pat
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
     """Load a classifier written by :func:`save_classifier` (safe: ``weights_only=True``)."""
-    payload = load_tagged(path, "mixdefense.classifier/1", "classifier", map_location)
+    payload = load_tagged(path, CLASSIFIER_FORMAT, "classifier", map_location)
     model = Classifier(**payload["config"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()

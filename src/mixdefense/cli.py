@@ -1,12 +1,15 @@
 """The one entry point: ``mixdefense <command> ...``.
 
-* ``mixdefense fit|validate|test|predict --config experiments/<dataset>/<stage>.yaml`` —
-  a LightningCLI (subclass mode: the YAML names the LightningModule and the DataModule by
-  ``class_path``; OmegaConf parser mode, so configs may interpolate ``${...}``).
+* ``mixdefense fit|validate|test|predict --config experiments/common/trainer.yaml --config
+  experiments/common/loggers.yaml --config experiments/<dataset>/<stage>.yaml`` — a LightningCLI
+  (subclass mode: the YAML names the LightningModule and the DataModule by ``class_path``;
+  OmegaConf parser mode, so configs may interpolate ``${...}``; later ``--config`` files override
+  earlier ones; each stage file's header gives its exact command).
 * ``mixdefense <tool> ...`` — the framework's own tools (``mixdefense --help`` lists them).
 
 This module is the only part of :mod:`mixdefense` that imports Lightning, ``datamodules``
-and ``lightning_modules``; it does so lazily, inside the commands.
+and ``lightning_modules``; it does so lazily, inside the commands.  The tools live in
+:mod:`mixdefense.commands`; they reach the data through the loaders defined here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from mixdefense.splits import check_disjoint_from_holdout, holdout_range
+from mixdefense.splits import holdout_range
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -83,98 +86,44 @@ def _load_split(dataset: str, split: str, n: int | None, seed: int, data_root: s
     return images.float() / 255, labels, {"split": split}
 
 
-def _saec(argv: list[str]) -> int:
-    from mixdefense import saec_report
+def dataset_names() -> list[str]:
+    """The registered datasets (the keys of ``datamodules.DATAMODULES``)."""
+    from datamodules import DATAMODULES
 
-    return saec_report.main(argv, load_images=load_images)
-
-
-def _cgan(argv: list[str]) -> int:
-    from mixdefense import cgan_report
-
-    return cgan_report.main(argv, load_images=load_images)
+    return sorted(DATAMODULES)
 
 
-def _contranet(argv: list[str]) -> int:
-    from mixdefense import contranet_report
+def _data():
+    from mixdefense.commands import Data
 
-    return contranet_report.main(argv, load_images=load_images, load_calibration=load_calibration_images)
-
-
-def _adaptive(argv: list[str]) -> int:
-    from mixdefense import adaptive_report
-
-    return adaptive_report.main(argv, load_images=load_images, load_calibration=load_calibration_images)
+    return Data(datasets=dataset_names(), load_images=load_images, load_calibration=load_calibration_images)
 
 
-def _baselines(argv: list[str]) -> int:
-    from mixdefense import baselines_report
+def _command(module: str) -> Callable[[list[str]], int]:
+    """``mixdefense.commands.<module>.main(argv, data)``, imported when the command runs."""
 
-    return baselines_report.main(argv, load_calibration=load_calibration_images, load_images=load_images)
+    def run(argv: list[str]) -> int:
+        import importlib
 
+        main_ = importlib.import_module(f"mixdefense.commands.{module}").main
+        return main_(argv) if module in _NO_DATA else main_(argv, _data())
 
-def _bundle(argv: list[str]) -> int:
-    """``mixdefense bundle --dataset ds``: one detector file from the trained parts, checked on clean test images."""
-    import argparse
-    import json
-
-    from mixdefense.classifiers import load_classifier
-    from mixdefense.contranet import load_contranet
-    from mixdefense.pipeline import MixDefense, load_detector, save_bundle
-    from mixdefense.saec import load_saec
-
-    ap = argparse.ArgumentParser(prog="mixdefense bundle", description=_bundle.__doc__)
-    ap.add_argument("--dataset", required=True, choices=["mnist", "cifar10", "gtsrb"])
-    ap.add_argument("--parts", default=None, help="folder of classifier.pt, saec.pt, contranet.pt (default artifacts/<ds>)")
-    ap.add_argument("--out", default=None, help="bundle path (default <parts>/detector.pt)")
-    ap.add_argument("--check-images", type=int, default=1000, help="clean test images for the check (0: none)")
-    ap.add_argument("--contranet-frr", type=float, default=None,
-                    help="recalibrate ContraNet at this clean false-rejection rate on --calibration-split images "
-                         "(default: keep contranet.pt's thresholds)")
-    ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for --contranet-frr")
-    ap.add_argument("--calibration-split", choices=("val", "holdout"), default="val",
-                    help="where --contranet-frr's images come from: the validation split or the last test images")
-    args = ap.parse_args(argv)
-    parts = args.parts or f"artifacts/{args.dataset}"
-    out = args.out or f"{parts}/detector.pt"
-    classifier, contranet = load_classifier(f"{parts}/classifier.pt"), load_contranet(f"{parts}/contranet.pt")
-    record = {"dataset": args.dataset, "parts": parts}
-    if args.contranet_frr is not None:
-        x_cal, _, source = load_calibration_images(args.dataset, args.calibration_split, args.calibration_images)
-        record["contranet_calibration"] = {
-            **contranet.calibrate(x_cal, classifier.predict(x_cal), args.contranet_frr).as_dict(), **source}
-    detector = MixDefense(classifier, [load_saec(f"{parts}/saec.pt"), contranet])
-    if args.check_images:
-        check_disjoint_from_holdout(record.get("contranet_calibration", {}), args.check_images)
-        x, y = load_images(args.dataset, "test", args.check_images)
-        verdict = load_detector(save_bundle(detector, out, **record)).detect(x)
-        plain = detector.classifier(x).argmax(1) == y
-        record["clean_check"] = {
-            "images": len(y), "accuracy_classifier": plain.float().mean().item(),
-            "accuracy_with_defense": ((verdict.labels == y) & ~verdict.rejected).float().mean().item(),
-            "false_rejection": verdict.rejected.float().mean().item(),
-            "rejected_by": verdict.caught_by(),
-        }
-    path = save_bundle(detector, out, **record)
-    print(json.dumps({"bundle": str(path), "size_mb": round(path.stat().st_size / 1e6, 2), **record}, indent=2))
-    return 0
+    return run
 
 
-def _detect(argv: list[str]) -> int:
-    from mixdefense import detect_cli
-
-    return detect_cli.main(argv)
+_NO_DATA = ("detect", "results_index")
 
 
 def _tools() -> dict[str, tuple[Callable[[list[str]], int], str]]:
     return {
-        "adaptive": (_adaptive, "adaptive white-box attacks on the whole pipeline (PGD, full adaptive, Orthogonal PGD) and the paper's §6 case studies"),
-        "detect": (_detect, "run a detector bundle on image files / folders / .pt tensors: label, accepted or rejected by which layer"),
-        "baselines": (_baselines, "calibrate the baseline detectors (Feature Squeezing, MagNet) on clean validation images"),
-        "bundle": (_bundle, "assemble the detector bundle (classifier + SAEC + ContraNet) and check it on clean images"),
-        "cgan": (_cgan, "evaluate a trained cGAN: faithfulness (SSIM) and label binding, Figure-8 grid"),
-        "contranet": (_contranet, "calibrate the ContraNet detector (cGAN + metric model) and evaluate it against attacks"),
-        "saec": (_saec, "calibrate SAEC on uniform noise / evaluate it against attacks (experiments/<ds>/saec.yaml)"),
+        "adaptive": (_command("adaptive"), "adaptive white-box attacks on the whole pipeline (PGD, full adaptive, Orthogonal PGD) and the paper's §6 case studies"),
+        "detect": (_command("detect"), "run a detector bundle on image files / folders / .pt tensors: label, accepted or rejected by which layer"),
+        "baselines": (_command("baselines"), "calibrate the baseline detectors (Feature Squeezing, MagNet) at the dataset's operating point"),
+        "bundle": (_command("bundle"), "assemble the detector bundle (classifier + SAEC + ContraNet), calibrate, check; records the parts' hashes"),
+        "cgan": (_command("cgan"), "evaluate a trained cGAN: faithfulness (SSIM) and label binding, Figure-8 grid"),
+        "contranet": (_command("contranet"), "calibrate the ContraNet detector (cGAN + metric model) and evaluate it against attacks"),
+        "results-index": (_command("results_index"), "write results/INDEX.md from every results/**/run.json record (--check: verify it)"),
+        "saec": (_command("saec"), "calibrate SAEC on uniform noise / evaluate it against attacks (experiments/<ds>/saec.yaml)"),
     }
 
 
@@ -198,15 +147,41 @@ def check_ckpt_path(args: Sequence[str]) -> None:
             raise SystemExit(2) from None
 
 
+#: Lightning commands whose output is a report: the libraries' notices stay out of it
+QUIET_COMMANDS = ("test", "predict")
+
+
+def quiet_libraries() -> None:
+    """Keep Lightning's info lines (accelerator notices, tips) and library deprecation/future warnings
+    off the screen; warnings that concern the user's run still show.  ``MIXDEFENSE_VERBOSE=1`` keeps them all."""
+    import logging
+    import warnings
+
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*`isinstance\(treespec, LeafSpec\)`.*")
+
+
 def run_lightning_cli(args: Sequence[str]):
     """Run a LightningCLI subcommand over any LightningModule / LightningDataModule."""
     check_ckpt_path(list(args))
+    import warnings
+
     import pytorch_lightning as pl
     from pytorch_lightning.cli import LightningCLI
+
+    if args and args[0] in QUIET_COMMANDS and not os.environ.get("MIXDEFENSE_VERBOSE"):
+        quiet_libraries()
 
     import datamodules  # noqa: F401  (makes their class paths importable by short name)
     import lightning_modules  # noqa: F401
 
+    # `args` repeats sys.argv[1:] when run from the shell (LightningCLI warns about that); sys.argv itself
+    # must stay as it is: DDP's launcher starts the other processes with it
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     return LightningCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -220,7 +195,8 @@ def run_lightning_cli(args: Sequence[str]):
 
 def _usage() -> str:
     lines = [
-        "usage: mixdefense {fit,validate,test,predict} --config experiments/<dataset>/<stage>.yaml [overrides]",
+        "usage: mixdefense {fit,validate,test,predict} --config experiments/common/trainer.yaml --config experiments/common/loggers.yaml\n"
+        "                 --config experiments/<dataset>/<stage>.yaml [overrides]   (each stage file's header gives its command)",
         "       mixdefense <tool> [options]",
         "",
         "Lightning commands (LightningCLI; `mixdefense fit --help` for all options):",

@@ -10,6 +10,18 @@ from typing import Any, TypeVar
 import torch
 
 
+def portable_path(path: str | Path | None) -> str | None:
+    """``path`` relative to the working directory when it lies inside it (records stay free of
+    machine-specific absolute paths); other paths unchanged; ``None``/empty stays ``None``."""
+    if not path:
+        return None
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
     path = Path(path)

@@ -1,16 +1,17 @@
 """MixDefense, the composite detector (paper Figure 1): pre-classifier layers, the classifier, post-classifier layers.
 
-Every layer is an ``nn.Module`` with a ``name`` and a ``kind``:
+Every layer is a :class:`~mixdefense.layers.DetectorLayer` (registered in :mod:`mixdefense.layers`)
+with a ``name`` and a ``kind``:
 
 * ``kind = "pre"`` — sees the input only, before the classifier runs: ``layer(x) → rejected [B]``
-  (e.g. :class:`~mixdefense.saec.SAEC`);
+  (e.g. :class:`~mixdefense.layers.saec.SAEC`);
 * ``kind = "post"`` — sees the input and the classifier's predicted label:
-  ``layer(x, y_pred) → rejected [B]`` (e.g. :class:`~mixdefense.contranet.ContraNet`).
+  ``layer(x, y_pred) → rejected [B]`` (e.g. :class:`~mixdefense.layers.contranet.ContraNet`).
 
 :class:`MixDefense` runs the pre layers in order, then the classifier on the inputs still
 accepted, then the post layers in order; an input rejected by a layer is never shown to
 the later ones (an SAEC rejection skips the classifier).  Further detectors (Feature
-Squeezing and MagNet — :mod:`mixdefense.squeezing`, :mod:`mixdefense.magnet`; paper §7) slot in
+Squeezing and MagNet — :mod:`mixdefense.layers.squeezing`, :mod:`mixdefense.layers.magnet`; paper §7) slot in
 between by their kind; a layer with a ``bind(classifier)`` method is given the pipeline's classifier.  Images are
 ``[B, C, H, W]`` floats in ``[0, 1]`` at the classifier's size; a post layer that works at
 another size resizes on its own.
@@ -22,7 +23,7 @@ settings.  No Lightning, no config file is needed to use it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,24 +32,19 @@ import torch
 import torch.nn as nn
 
 from mixdefense.classifiers import Classifier
-from mixdefense.contranet import ContraNet, contranet_from_payload, contranet_payload
-from mixdefense.io import atomic_torch_save, build_configured, configured_payload, load_tagged, refuses_malformed
-from mixdefense.magnet import MagNet, magnet_from_payload, magnet_payload
-from mixdefense.saec import SAEC, saec_from_payload, saec_payload
-from mixdefense.squeezing import FeatureSqueezing, squeezing_from_payload, squeezing_payload
+from mixdefense.io import (
+    atomic_torch_save,
+    build_configured,
+    configured_payload,
+    load_tagged,
+    refuses_malformed,
+)
+from mixdefense.layers import layer_class, type_of
 from mixdefense.validation import check_images, match_dtype
 
 BUNDLE_FORMAT = "mixdefense.detector/1"
 NOT_CLASSIFIED = -1  # label of an input rejected before the classifier ran
 ACCEPTED = -1  # layer index of an accepted input
-
-#: layer type name → (layer class, to-payload, from-payload), for bundles.
-LAYER_TYPES: dict[str, tuple[type, Callable[[Any], dict], Callable[[dict], nn.Module]]] = {
-    "saec": (SAEC, saec_payload, saec_from_payload),
-    "contranet": (ContraNet, contranet_payload, contranet_from_payload),
-    "feature_squeezing": (FeatureSqueezing, squeezing_payload, squeezing_from_payload),
-    "magnet": (MagNet, magnet_payload, magnet_from_payload),
-}
 
 
 @dataclass
@@ -182,12 +178,7 @@ def save_bundle(detector: MixDefense, path: str | Path, **record: Any) -> Path:
     """Write the whole detector (classifier, layers, thresholds, settings) as one plain-weights file."""
     if not isinstance(detector.classifier, Classifier):
         raise TypeError("bundles store a mixdefense.classifiers.Classifier (save a custom model's weights yourself)")
-    layers = []
-    for layer in detector.layers:
-        kind = next((n for n, (cls, _, _) in LAYER_TYPES.items() if isinstance(layer, cls)), None)
-        if kind is None:
-            raise TypeError(f"no bundle format for layer type {type(layer).__name__}; known: {sorted(LAYER_TYPES)}")
-        layers.append({"type": kind, "payload": LAYER_TYPES[kind][1](layer)})
+    layers = [{"type": type_of(layer), "payload": layer.payload()} for layer in detector.layers]
     clf = detector.classifier
     import mixdefense
 
@@ -204,9 +195,11 @@ def load_detector(path: str | Path, map_location: str | torch.device = "cpu") ->
     clf = build_configured(Classifier, payload["classifier"])
     layers = []
     for entry in payload["layers"]:
-        if entry["type"] not in LAYER_TYPES:
-            raise ValueError(f"{path}: unknown layer type {entry['type']!r}; known: {sorted(LAYER_TYPES)}")
-        layers.append(LAYER_TYPES[entry["type"]][2](entry["payload"]))
+        try:
+            cls = layer_class(entry["type"])
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+        layers.append(cls.from_payload(entry["payload"]))
     detector = MixDefense(clf, layers)
     detector.record = payload.get("record", {})
     detector.versions = payload.get("versions", {})

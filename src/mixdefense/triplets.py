@@ -37,8 +37,8 @@ from pytorch_metric_learning import distances, losses, miners
 from tqdm.auto import tqdm
 
 from mixdefense.attacks import run_attack
+from mixdefense.nets.metric import DISTANCES
 
-DISTANCES = ("l2", "cosine")
 MINER_TYPES = ("all", "semihard", "hard")
 
 
@@ -130,19 +130,6 @@ def pml_distance(name: str) -> distances.BaseDistance:
         return distances.LpDistance(p=2, normalize_embeddings=True)
     if name == "cosine":
         return distances.CosineSimilarity()
-    raise ValueError(f"unknown distance {name!r}; choose one of {DISTANCES}")
-
-
-def embedding_distance(a: torch.Tensor, b: torch.Tensor, name: str = "l2") -> torch.Tensor:
-    """Row-wise distance ``[B]`` between embeddings ``a, b [B, D]`` (normalised first, as in training).
-
-    ``l2``: ``‖â − b̂‖₂ ∈ [0, 2]``; ``cosine``: ``1 − cos(a, b) ∈ [0, 2]``.  Zero for equal rows.
-    """
-    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
-    if name == "l2":
-        return (a - b).pow(2).sum(1).clamp_min(0).sqrt()
-    if name == "cosine":
-        return (1 - (a * b).sum(1)).clamp_min(0)
     raise ValueError(f"unknown distance {name!r}; choose one of {DISTANCES}")
 
 

@@ -27,6 +27,9 @@ import torchvision
 
 from mixdefense.io import load_configured, save_configured
 
+#: distances between embeddings (as in M's training and ContraNet's score)
+DISTANCES = ("l2", "cosine")
+
 ARCHS = ("cnn", "mobilenet_v2")
 METRIC_FORMAT = "mixdefense.metric/1"
 
@@ -88,3 +91,16 @@ def save_metric(model: EmbeddingNet, path, **record) -> None:
 def load_metric(path, map_location="cpu") -> EmbeddingNet:
     """Rebuild an :class:`EmbeddingNet` from :func:`save_metric`'s file, in eval mode."""
     return load_configured(EmbeddingNet, path, METRIC_FORMAT, "metric model", map_location)
+
+
+def embedding_distance(a: torch.Tensor, b: torch.Tensor, name: str = "l2") -> torch.Tensor:
+    """Row-wise distance ``[B]`` between embeddings ``a, b [B, D]`` (normalised first, as in training).
+
+    ``l2``: ``‖â − b̂‖₂ ∈ [0, 2]``; ``cosine``: ``1 − cos(a, b) ∈ [0, 2]``.  Zero for equal rows.
+    """
+    a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+    if name == "l2":
+        return (a - b).pow(2).sum(1).clamp_min(0).sqrt()
+    if name == "cosine":
+        return (1 - (a * b).sum(1)).clamp_min(0)
+    raise ValueError(f"unknown distance {name!r}; choose one of {DISTANCES}")
