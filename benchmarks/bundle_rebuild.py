@@ -4,7 +4,8 @@ For every dataset: ``mixdefense bundle --dataset <ds> --out <tmp>`` (ContraNet r
 operating point of ``experiments/<ds>/detector.yaml``, exactly as the shipped bundle was), then
 both bundles judge the first ``--images`` clean test images, and the same images' FGSM AEs at
 8/255 against the classifier (so that rejections happen); the verdicts (label, accepted or
-rejected, which layer) must agree on every image.  ``--ship`` replaces ``artifacts/<ds>/detector.pt``
+rejected, which layer) must agree on every image; the report also says whether the files are
+bit-identical.  ``--ship`` replaces ``artifacts/<ds>/detector.pt``
 by the rebuilt file (which records the sha256 of its parts) when they agree on 100 %.
 
     python benchmarks/bundle_rebuild.py --datasets mnist cifar10 gtsrb [--ship]
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "rebuilt": rebuilt.record["contranet_calibration"]["thresholds"]},
                    "part_sha256": rebuilt.record["part_sha256"]}
             row["identical"] = row["clean"]["all"] == 1.0 and row["fgsm_8"]["all"] == 1.0
+            row["bytes_identical"] = rebuilt_path.read_bytes() == shipped_path.read_bytes()
             if args.ship and row["identical"]:
                 shutil.copyfile(rebuilt_path, shipped_path)
                 row["shipped"] = str(shipped_path)
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         report[ds] = row
         print(f"{ds:8s} clean {100 * row['clean']['all']:.1f} %  FGSM 8/255 {100 * row['fgsm_8']['all']:.1f} %  "
               f"thresholds {row['thresholds']['shipped']} -> {row['thresholds']['rebuilt']}  "
+              f"{'bit-identical file' if row['bytes_identical'] else 'file bytes differ'}  "
               f"{'shipped' if row.get('shipped') else ''} ({row['seconds']} s)", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
