@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -295,7 +296,7 @@ class MixDefenseEvaluation(pl.LightningModule):
         if self.trainer.is_global_zero:
             write_report(result, Path(self.hparams.report_dir), self.hparams.title)
             self._log_wandb(result)
-            print(format_table(result))
+            print("\n" + format_table(result))
             if self.baselines:
                 print("\n" + comparison_table(result))
             print(f"wrote {self.hparams.report_dir}/evaluation.json, points.csv, acc_detector.png, acc_rc.png, "
@@ -327,9 +328,12 @@ class MixDefenseEvaluation(pl.LightningModule):
 
 
 def _as_table(metric: CatMetric, width: int) -> torch.Tensor:
+    """The gathered rows ``[n, width]`` (every process calls ``compute``: it is a collective under DDP)."""
     try:
-        t = metric.compute()
-    except Exception:  # nothing was updated (CatMetric warns / raises on an empty state)
+        with warnings.catch_warnings():  # a table nobody updated (e.g. no baselines) is empty, not a problem
+            warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method.*")
+            t = metric.compute()
+    except Exception:  # nothing was updated (CatMetric raises on an empty state)
         return torch.empty(0, width)
     if not torch.is_tensor(t):  # never updated: an empty list
         return torch.empty(0, width)
