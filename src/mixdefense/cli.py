@@ -152,8 +152,8 @@ QUIET_COMMANDS = ("test", "predict")
 
 
 def quiet_libraries() -> None:
-    """Keep Lightning's info lines (accelerator notices, tips) and library deprecation/future warnings
-    off the screen; warnings that concern the user's run still show.  ``MIXDEFENSE_VERBOSE=1`` keeps them all."""
+    """Keep Lightning's info lines (accelerator notices, tips; with ``--verbose=false`` its metrics table) and
+    library deprecation/future warnings off the screen; warnings that concern the user's run still show.  ``MIXDEFENSE_VERBOSE=1`` keeps them all."""
     import logging
     import warnings
 
@@ -173,8 +173,10 @@ def run_lightning_cli(args: Sequence[str]):
     import pytorch_lightning as pl
     from pytorch_lightning.cli import LightningCLI
 
+    args = list(args)
     if args and args[0] in QUIET_COMMANDS and not os.environ.get("MIXDEFENSE_VERBOSE"):
         quiet_libraries()
+        args.insert(1, "--verbose=false")  # the report prints its own table (a config or a later flag may say otherwise)
 
     import datamodules  # noqa: F401  (makes their class paths importable by short name)
     import lightning_modules  # noqa: F401
@@ -189,7 +191,7 @@ def run_lightning_cli(args: Sequence[str]):
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf", "allow_abbrev": False},  # a typo is an error, not a prefix match
         save_config_kwargs={"overwrite": True},
-        args=list(args),
+        args=args,
     )
 
 
