@@ -26,6 +26,8 @@ ifeq ($(PROFILE),paper)
   SUFFIX := _paper
 else ifeq ($(PROFILE),quick)
   SUFFIX := _quick
+else ifeq ($(PROFILE),long)
+  SUFFIX := _long
 else
   SUFFIX :=
 endif

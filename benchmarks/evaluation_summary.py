@@ -50,7 +50,7 @@ def main() -> None:
     for r in kept:
         if r["acc_detector"] < args.floor:
             eps = f"{r['eps'] * 255:.0f}/255" if r["norm"] == "linf" else f"{r['eps']:.2f}"
-            print(f"  below {100 * args.floor:.0f} %: {r['attack']} ({r['norm']}) ε {'≤' if r['binned'] else ''}{eps}: "
+            print(f"  below {100 * args.floor:.0f} %: {r['attack']} ({r['norm']}) ε {'≤' if r.get('minimum_norm', r.get('binned')) else ''}{eps}: "
                   f"Acc_detector {100 * r['acc_detector']:.1f} %, detection {100 * r['detection_rate']:.1f} %, "
                   f"clean rejection of the originals {100 * r['clean_rejection_rate']:.1f} % ({r['num_successful']} AEs)")
 

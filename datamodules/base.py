@@ -247,6 +247,8 @@ class ImageDataModule(pl.LightningDataModule):
             val_idx, train_idx = perm[:n_val], perm[n_val:].sort().values
             self.data_train = ImageTensorDataset(images[train_idx], labels[train_idx], with_index=self.train_indices)
             self.data_val = ImageTensorDataset(images[val_idx], labels[val_idx])
+            #: where each training / validation image sits in the source training set (disjoint by construction)
+            self.split_indices = {"train": train_idx, "val": val_idx}
         if stage in (None, "test", "predict") and self.data_test is None:
             images, labels = self.load_split(train=False)
             self.check_split(images, labels, "test")

@@ -9,10 +9,11 @@ Per test batch (images in ``[0, 1]``):
 2. the images the classifier gets right are attacked with every configured attack:
    *budgeted* attacks at each ε of their grid (FGSM and FGM compute the loss gradient once
    and scale it for all budgets — the sign and the L2 direction of the gradient do not depend on
-   ε; the iterative attacks run once per ε), *unbudgeted* ones (C&W, DeepFool) once, their AEs
-   then binned by the measured perturbation (per norm: an AE lands in the first bin edge ≥
-   its norm; beyond the last edge it is dropped);
-3. each AE and its clean original are scored by every layer; one row per AE is kept
+   ε; the iterative attacks run once per ε), *minimum-norm* ones (C&W, DeepFool) once, their AEs
+   then placed on the budgets of their norm cumulatively: at budget ε an image is attacked
+   successfully iff its minimal AE fools the classifier with norm ≤ ε; otherwise its row at ε is
+   the clean image (the attacker has nothing within ε), so every budget counts every image;
+3. each AE and its clean original are scored by every layer; one row per image and point is kept
    (point, success, correct, norm, margins of the AE and of its original).
 
 Rows are ``torchmetrics.CatMetric`` states, so under DDP every process attacks its shard and
@@ -20,8 +21,9 @@ the rows are gathered before the metrics are computed (the same numbers as one p
 At the end of the test epoch, per (attack, ε) and defense (each layer alone, and the
 composite ``mixdefense``): Acc_detector (eq. 7), Acc_RC (eq. 8), detection rate, the clean
 rejection on the originals, AUROC and TPR at 5 % FPR (score: the largest layer margin), and
-which layer caught the successful AEs first; points with fewer than ``min_successes``
-successful AEs are marked dropped (paper: 100).  Written to ``report_dir``:
+which layer caught the successful AEs first, every rate with its 95 % Wilson interval; points
+with fewer than ``min_successes`` successful AEs are marked sparse (``kept`` False) and still
+reported and drawn, with their wider interval (paper: dropped below 100).  Written to ``report_dir``:
 ``evaluation.json``, ``points.csv``, ``acc_detector.png`` (Figure 5), ``acc_rc.png``
 (Figure 6), ``detection_rate.png``; the same table and curves go to W&B when it is a logger.
 
@@ -87,14 +89,14 @@ def _points(attacks: dict[str, dict]) -> list[dict]:
             if not budgets:
                 raise ValueError(f"attack {name!r} needs a non-empty 'budgets' list")
             unit = LINF_UNIT if spec.norm == "linf" else 1.0
-            points += [{"attack": name, "norm": spec.norm, "eps": b / unit, "binned": False} for b in sorted(budgets)]
+            points += [{"attack": name, "norm": spec.norm, "eps": b / unit, "minimum_norm": False} for b in sorted(budgets)]
         else:
             bins = cfg.get("bins") or {}
             if not bins or any(n not in ("l2", "linf") for n in bins):
                 raise ValueError(f"attack {name!r} has no budget: give 'bins' per norm, e.g. {{l2: [0.5, 1.0]}}")
             for norm, edges in bins.items():
                 unit = LINF_UNIT if norm == "linf" else 1.0
-                points += [{"attack": name, "norm": norm, "eps": e / unit, "binned": True} for e in sorted(edges)]
+                points += [{"attack": name, "norm": norm, "eps": e / unit, "minimum_norm": True} for e in sorted(edges)]
     return points
 
 
@@ -104,7 +106,7 @@ class MixDefenseEvaluation(pl.LightningModule):
     Args:
         bundle: the detector file (``mixdefense.load_detector``).
         attacks: ``{attack name: {budgets: [...]} | {bins: {norm: [...]}}, + attack keyword arguments}``.
-        min_successes: points with fewer successful AEs are marked dropped.
+        min_successes: points with fewer successful AEs are marked sparse (reported, drawn hollow).
         report_dir: where the JSON, CSV and figures go.
         title: figure title prefix (e.g. the dataset).
         examples: save this many clean images and, per attack, successful AEs (at its largest
@@ -200,11 +202,11 @@ class MixDefenseEvaluation(pl.LightningModule):
         rows["clean"].append(torch.cat([(labels == y).float()[:, None], margins.T.float()], 1))
         detectors = [(b, d) for b, d in enumerate(self.baselines) if d.attack_model is None]
         ok = labels == y
-        clean_b = {}  # each detector baseline's clean margins, scored once and reused for the attacked images
+        clean_b, clean_b_correct = {}, {}  # each detector baseline's clean margins / right labels, scored once
         for b, det in detectors:
             b_labels, b_margin = det.labels_and_margins(x)
             rows["baseline_clean"].append(torch.stack([torch.full_like(b_margin, b), (b_labels == y).float(), b_margin.float()], 1))
-            clean_b[b] = b_margin[ok]
+            clean_b[b], clean_b_correct[b] = b_margin[ok], (b_labels == y).float()[ok]
         if not ok.any():
             return
         xa, ya, clean_m = x[ok], y[ok], margins[:, ok]
@@ -219,13 +221,17 @@ class MixDefenseEvaluation(pl.LightningModule):
                 success, correct = (adv_labels != ya).float(), (adv_labels == ya).float()
                 if save_examples and k == len(advs) - 1:
                     self._save_pngs(adv[adv_labels != ya][: self.hparams.examples], name)
-                for point, keep, norm in self._assign_points(name, ids, k, adv, xa):
-                    rows["ae"].append(torch.cat([point[:, None], success[keep, None], correct[keep, None], norm[:, None],
-                                                 adv_m[:, keep].T.float(), clean_m[:, keep].T.float()], 1))
-                    for b, det in detectors:
-                        b_labels, b_margin = det.labels_and_margins(adv[keep])
-                        rows["baseline"].append(baseline_table(point, b, success[keep], (b_labels == ya[keep]).float(), norm,
-                                                                b_margin, clean_b[b][keep]))
+                scored = {b: det.labels_and_margins(adv) for b, det in detectors}
+                for point, within, norm in self._assign_points(name, ids, k, adv, xa):
+                    # outside the budget the attacker has no AE: the row is the clean image (correct, clean margins)
+                    s_i, c_i = success * within, torch.where(within, correct, torch.ones_like(correct))
+                    n_i, m_i = torch.where(within, norm, torch.zeros_like(norm)), torch.where(within[None], adv_m, clean_m)
+                    rows["ae"].append(torch.cat([point[:, None], s_i[:, None], c_i[:, None], n_i[:, None],
+                                                 m_i.T.float(), clean_m.T.float()], 1))
+                    for b, (b_labels, b_margin) in scored.items():
+                        b_correct = torch.where(within, (b_labels == ya).float(), clean_b_correct[b])
+                        rows["baseline"].append(baseline_table(point, b, s_i, b_correct, n_i,
+                                                                torch.where(within, b_margin, clean_b[b]), clean_b[b]))
 
     def _attack_robust(self, b: int, baseline, x, y, rows):
         """A robust classifier attacked white-box on the test images it gets right (Acc_RC only)."""
@@ -242,9 +248,11 @@ class MixDefenseEvaluation(pl.LightningModule):
             for k, adv in enumerate(self._make_aes(name, model, xa, ya, ids)):
                 adv_labels, _ = baseline.labels_and_margins(adv)
                 success, correct = (adv_labels != ya).float(), (adv_labels == ya).float()
-                for point, keep, norm in self._assign_points(name, ids, k, adv, xa):
+                for point, within, norm in self._assign_points(name, ids, k, adv, xa):
                     z = torch.zeros_like(norm)
-                    rows["baseline"].append(baseline_table(point, b, success[keep], correct[keep], norm, z, z))
+                    rows["baseline"].append(baseline_table(point, b, success * within,
+                                                            torch.where(within, correct, torch.ones_like(correct)),
+                                                            torch.where(within, norm, z), z, z))
 
     def _make_aes(self, name, model, xa, ya, ids) -> list[torch.Tensor]:
         with torch.inference_mode(False), torch.enable_grad():
@@ -254,22 +262,18 @@ class MixDefenseEvaluation(pl.LightningModule):
             return [run_attack(name, model, xs, ys, **self._attack_kwargs(name))]
 
     def _assign_points(self, name, ids, k, adv, xa):
-        """``(point ids [n], kept mask [B], norms [n])`` of the ``k``-th AE batch of attack ``name``:
-        budgeted attacks give one point per batch; binned ones one per norm (first edge ≥ the norm)."""
+        """``(point ids [B], within budget [B], norms [B])`` per point of the ``k``-th AE batch of attack
+        ``name``: a budgeted attack's batch is one point (every AE within its budget); a minimum-norm
+        attack's batch gives every budget of its norm, cumulatively: at budget ε an AE counts iff its
+        measured norm is ≤ ε (a relative tolerance of 1e-6 absorbs float rounding)."""
         if get_attack(name).budgeted:
             i = ids[k]
             norm = perturbation_norm(adv, xa, self.points[i]["norm"])
             yield torch.full_like(norm, float(i)), torch.ones_like(norm, dtype=torch.bool), norm
             return
-        for norm_name in dict.fromkeys(self.points[i]["norm"] for i in ids):
-            bin_ids = [i for i in ids if self.points[i]["norm"] == norm_name]
-            edges = torch.tensor([self.points[i]["eps"] for i in bin_ids], device=adv.device)
-            norm = perturbation_norm(adv, xa, norm_name)
-            which = torch.searchsorted(edges, norm, side="left")  # first edge >= norm
-            keep = which < len(bin_ids)
-            point = torch.tensor(bin_ids, device=adv.device, dtype=torch.float)[which.clamp_max(len(bin_ids) - 1)]
-            if keep.any():
-                yield point[keep], keep, norm[keep]
+        for i in ids:
+            norm = perturbation_norm(adv, xa, self.points[i]["norm"])
+            yield torch.full_like(norm, float(i)), norm <= self.points[i]["eps"] * (1 + 1e-6), norm
 
     def _save_pngs(self, images: torch.Tensor, folder: str) -> None:
         import torchvision

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,16 +73,20 @@ def test_unbudgeted_and_unknown_attacks():
         perturbation_norm(torch.zeros(1, 3), torch.zeros(1, 3), "l1")
 
 
-def test_batched_deepfool_takes_torchattacks_deepfool_steps(model, batch):
-    """The batched L2 DeepFool equals torchattacks' per-image loop (same linearisation, same update)."""
-    import torchattacks
-
+def test_batched_deepfool_equals_one_image_at_a_time(model, batch):
+    """Batching changes nothing: each image's DeepFool AE is the one it gets when attacked alone."""
     x, y = batch
-    y = model(x).argmax(1)  # start from correctly classified inputs
-    ref = torchattacks.DeepFool(model, steps=20, overshoot=0.02)(x, y)
-    ours = run_attack("deepfool", model, x, y, steps=20, overshoot=0.02)
-    assert torch.allclose(ours, ref, atol=1e-5)
-    assert (model(ours).argmax(1) != y).all()
+    together = run_attack("deepfool", model, x, y, steps=20)
+    alone = torch.cat([run_attack("deepfool", model, x[i:i + 1], y[i:i + 1], steps=20) for i in range(len(y))])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.data
+def test_deepfool_fools_the_shipped_lenet_despite_saturated_pixels(data_root):
+    """Steps accumulate before clipping, so MNIST's 0/1 pixels do not stall it: every image is fooled."""
+    clf, x, y = _shipped_lenet(data_root, 20)
+    adv = run_attack("deepfool", clf, x, y)
+    assert (clf(adv).argmax(1) != y).all()
 
 
 def test_deepfool_linf_steps_are_sign_steps_and_fool(model, batch):
@@ -92,3 +98,82 @@ def test_deepfool_linf_steps_are_sign_steps_and_fool(model, batch):
     # one L∞ step moves (almost) every pixel by the same amount: the L∞ norm is far below the L2-step's
     l2_adv = run_attack("deepfool", model, x, y, steps=50)
     assert perturbation_norm(adv, x, "linf").median() < perturbation_norm(l2_adv, x, "linf").median()
+
+
+# -- the attacks at the literature's strength ------------------------------------------------------
+@pytest.mark.data
+def test_cw_binary_search_raises_c_until_it_succeeds(data_root):
+    """On the shipped LeNet, one search step at a tiny c finds no AE (those images come back unchanged);
+    the binary search (c ×10 until an AE is found, then bisection) fools every image."""
+    from mixdefense.attacks import CarliniWagnerL2
+
+    clf, x, y = _shipped_lenet(data_root, 8)
+    one = CarliniWagnerL2(clf, search_steps=1, steps=30, initial_const=1e-4)(x, y)
+    failed = clf(one).argmax(1) == y
+    assert failed.all() and torch.equal(one, x)
+    searched = CarliniWagnerL2(clf, search_steps=7, steps=30, initial_const=1e-4)(x, y)
+    assert (clf(searched).argmax(1) != y).all()
+    assert 0 <= searched.min() and searched.max() <= 1
+
+
+def _shipped_lenet(data_root, n: int):
+    """The shipped MNIST LeNet and the first ``n`` test images it classifies correctly."""
+    from mixdefense.classifiers import load_classifier
+    from mixdefense.cli import load_images
+
+    clf = load_classifier(Path(__file__).resolve().parents[1] / "artifacts/mnist/classifier.pt").eval()
+    x, y = load_images("mnist", "test", n + 10, data_root=str(data_root))
+    ok = clf(x).argmax(1) == y
+    return clf, x[ok][:n], y[ok][:n]
+
+
+def test_cw_high_confidence_reaches_its_margin(model, batch):
+    from mixdefense.attacks import CarliniWagnerL2
+
+    x, y = batch
+    y = model(x).argmax(1)
+    kappa = 0.5
+    adv = CarliniWagnerL2(model, search_steps=6, steps=40, kappa=kappa)(x, y)
+    logits = model(adv)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), float("-inf")).amax(1)
+    fooled = logits.argmax(1) != y
+    assert fooled.any() and (other - true)[fooled].min() > kappa - 1e-4
+
+
+def test_restarts_keep_the_first_ae_that_fools(model, batch):
+    """Restarts never lose an AE: an image fooled by the first run keeps exactly that AE."""
+    import torchattacks
+
+    from mixdefense.attacks import Restarts
+
+    x, y = batch
+    y = model(x).argmax(1)
+    torch.manual_seed(1)
+    first = torchattacks.PGD(model, eps=4 / 255, alpha=1 / 255, steps=5, random_start=True)
+    torch.manual_seed(1)
+    once = first(x, y)
+    torch.manual_seed(1)
+    kept = Restarts(first, 3)(x, y)
+    fooled_once = model(once).argmax(1) != y
+    assert torch.equal(kept[fooled_once], once[fooled_once])
+    assert (model(kept).argmax(1) != y).sum() >= fooled_once.sum()
+    assert (perturbation_norm(kept, x, "linf") <= 4 / 255 + 1e-6).all()
+
+
+def test_registry_defaults_are_the_literatures_strength():
+    assert ATTACKS["pgd_linf"].defaults["steps"] >= 50 and ATTACKS["bim_l2"].defaults["steps"] >= 50
+    cw = ATTACKS["cw"].defaults
+    assert cw["search_steps"] >= 6 and cw["search_steps"] * cw["steps"] >= 1000
+    assert ATTACKS["cw_hc"].defaults["kappa"] > 0
+    assert ATTACKS["deepfool"].defaults["steps"] >= 100 and ATTACKS["deepfool"].defaults["overshoot"] == 0.02
+    assert {"apgd_ce", "apgd_dlr"} <= set(ATTACKS)
+
+
+@pytest.mark.data
+def test_cw_fools_the_shipped_lenet_on_every_image(data_root):
+    """The minimum-norm attack succeeds on ≥ 99 % of the bare classifier's images (here: all of 20)."""
+    clf, x, y = _shipped_lenet(data_root, 20)
+    adv = run_attack("cw", clf, x, y)
+    assert (clf(adv).argmax(1) != y).all()
+    assert perturbation_norm(adv, x, "l2").median() < 2.5  # minimal AEs: MNIST's LeNet needs ~1.2 in L2

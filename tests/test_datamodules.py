@@ -53,6 +53,12 @@ def test_split_is_seeded_and_disjoint(data_root):
     assert torch.equal(a.data_val.images, b.data_val.images)
     assert not torch.equal(a.data_val.images, c.data_val.images)
     assert len(a.data_train) == 1800 and len(a.data_val) == 200
+    for dm in (a, c):  # disjoint by index, together the whole source, and each split holds exactly its images
+        train, val = dm.split_indices["train"], dm.split_indices["val"]
+        assert not set(train.tolist()) & set(val.tolist())
+        assert sorted(train.tolist() + val.tolist()) == list(range(2000))
+        source, _ = dm.load_split(train=True)
+        assert torch.equal(dm.data_val.images, source[:2000][val]) and torch.equal(dm.data_train.images, source[:2000][train])
 
 
 @pytest.mark.parametrize("cls", [MNISTDataModule, CIFAR10DataModule, GTSRBDataModule])

@@ -39,7 +39,7 @@ def test_points_and_budget_units():
 
 def test_summary_formulas_on_hand_made_rows():
     """Two layers; 4 AEs at one point: the metrics equal eqs. 7–8 computed by hand."""
-    points = [{"attack": "fgsm", "norm": "linf", "eps": 0.1, "binned": False}]
+    points = [{"attack": "fgsm", "norm": "linf", "eps": 0.1, "minimum_norm": False}]
     #            point success correct norm  adv margins (a, b)  clean margins (a, b)
     ae = torch.tensor([[0, 1, 0, .1, 2.0, 0.5, 0.1, 0.2],   # caught by a, clean accepted
                        [0, 1, 0, .1, 0.5, 3.0, 0.1, 0.2],   # caught by b
@@ -105,6 +105,15 @@ def test_evaluation_writes_the_report_and_the_composite_catches_at_least_each_la
         assert r["acc_rc"] == pytest.approx(1 - r["attack_success_rate"])
         if r["num_successful"]:
             assert r["detection_rate"] == 0.0
+    # AEs only from the correctly classified images, and every point counts all of them (C&W cumulatively)
+    correct = round(result["clean"]["images"] * result["clean"]["accuracy_classifier"])
+    assert {r["num_aes"] for r in result["points"]} == {correct}
+    # every successful AE within its point's budget (a loop attacking at 2ε would put FGSM's at exactly 2ε)
+    for r in result["points"]:
+        if r["num_successful"]:
+            assert r["mean_norm"] <= r["eps"] * (1 + 1e-5), (r["attack"], r["eps"], r["mean_norm"])
+    # cumulative: an AE of norm ≤ 1 counts at 1 and at 3, so success can only grow with the budget
+    assert undefended[("cw", 3.0)]["num_successful"] >= undefended[("cw", 1.0)]["num_successful"] > 0
 
 
 def test_evaluation_refuses_the_bundles_calibration_holdout(mnist_bundle, tmp_path, data_root, monkeypatch):
@@ -218,7 +227,7 @@ def test_comparison_table_averages_common_budgets_and_leaves_acc_detector_of_non
     from mixdefense.evaluation.sweep import comparison_table
 
     def row(defense, eps, kept, det, rc):
-        return {"attack": "fgsm", "norm": "linf", "eps": eps, "binned": False, "defense": defense, "kept": kept,
+        return {"attack": "fgsm", "norm": "linf", "eps": eps, "minimum_norm": False, "defense": defense, "kept": kept,
                 "acc_detector": det, "acc_rc": rc}
 
     result = {"baselines": ["fs", "madry"], "robust": ["madry"], "points": [
@@ -233,3 +242,28 @@ def test_comparison_table_averages_common_budgets_and_leaves_acc_detector_of_non
     # composite and FS over ε 0.1 and 0.2; Madry only where both it and the composite keep the point (0.1)
     assert cells == ["95.0 / 100.0 (n=2)", "80.0 / 70.0 (n=2)", "— / 60.0 (n=1)", "— / 0.0 (n=2)"]
     assert comparison_table(result).splitlines()[-1].endswith("98.00 % | 95.00 % | 97.00 % | 99.00 % |")
+
+
+def test_only_correctly_classified_images_are_attacked_and_every_point_counts_them(mnist_bundle, data_root):
+    """A batch whose labels make 4 images misclassified: the AE rows come from the other images only,
+    one row per image and point (the C&W point cumulatively), and rows outside C&W's budget are the
+    clean image (not successful, still correct)."""
+    from lightning_modules.evaluation import MixDefenseEvaluation
+
+    module = MixDefenseEvaluation(bundle=str(mnist_bundle), attacks={
+        "fgsm": {"budgets": [8]}, "cw": {"bins": {"l2": [0.05, 3.0]}, "search_steps": 3, "steps": 20}})
+    module._attack_progress = lambda names, desc: names  # no trainer attached here
+    x, y = load_images("mnist", "test", 12, data_root=str(data_root))
+    y = y.clone()
+    y[:4] = (y[:4] + 1) % 10  # these four are now misclassified by the (right) classifier
+    correct = int((module.detector.classifier(x).argmax(1) == y).sum())
+    assert correct <= 8
+    rows = {key: [] for key in module._metrics()}
+    torch.manual_seed(0)
+    module._attack_batch(x, y, 1, rows)
+    ae = torch.cat(rows["ae"])
+    assert ae.shape[0] == 3 * correct  # 3 points × the correctly classified images, nothing else
+    tiny = ae[ae[:, 0] == 1]  # C&W at L2 ≤ 0.05: no MNIST AE is that small
+    assert (tiny[:, 1] == 0).all() and (tiny[:, 2] == 1).all() and (tiny[:, 3] == 0).all()
+    large = ae[ae[:, 0] == 2]
+    assert large[:, 1].sum() > 0 and (large[large[:, 1] == 1, 3] <= 3.0).all()

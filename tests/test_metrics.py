@@ -47,3 +47,39 @@ def test_auroc_and_tpr_at_fpr():
     # at ≤ 5 % clean rejection the threshold sits above 94: adv 95..149 detected = 55 %
     assert tpr_at_fpr(clean, adv, 0.05) == pytest.approx(0.55, abs=0.011)
     assert detection_auroc(torch.zeros(10), torch.ones(10)) == 1.0
+
+
+def test_wilson_interval_covers_about_95_percent_on_a_simulated_binomial():
+    """2,000 draws of Binomial(n, p) for a few (n, p), small n and extreme p included: the interval
+    contains p in 93–98.5 % of the draws (Wilson's coverage; a normal approximation falls far short
+    at p = 0.02, n = 30)."""
+    from mixdefense.metrics import wilson_interval
+
+    g = torch.Generator().manual_seed(0)
+    for n, p in [(30, 0.02), (30, 0.5), (100, 0.9), (500, 0.97)]:
+        ks = torch.binomial(torch.full((2000,), float(n)), torch.full((2000,), p), generator=g).int().tolist()
+        cover = sum(lo <= p <= hi for lo, hi in (wilson_interval(k, n) for k in ks)) / len(ks)
+        assert 0.93 <= cover <= 0.985, (n, p, cover)
+
+
+def test_wilson_interval_edges():
+    from mixdefense.metrics import wilson_interval
+
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and 0.2 < hi < 0.35
+    lo, hi = wilson_interval(10, 10)
+    assert hi == pytest.approx(1.0) and 0.65 < lo < 0.8
+    assert all(v != v for v in wilson_interval(0, 0))
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_every_point_rate_carries_its_interval():
+    from mixdefense.evaluation.points import RATES, point_metrics
+
+    success = torch.tensor([True, True, False, True])
+    m = point_metrics(success, ~success, torch.ones(4), torch.tensor([True, False, False, True]),
+                      torch.tensor([False, False, False, True]), torch.rand(4), torch.rand(4))
+    for rate in RATES:
+        assert m[f"{rate}_ci_low"] <= m[rate] <= m[f"{rate}_ci_high"], rate
+    assert m["detection_rate"] == pytest.approx(2 / 3) and m["acc_detector"] == pytest.approx((3 - 1 + 2) / 6)

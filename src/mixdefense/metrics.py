@@ -7,6 +7,8 @@ rejected is a true negative).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_roc
 
@@ -16,6 +18,22 @@ def _bool(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dtype != torch.bool:
         raise ValueError(f"{name}: expected a bool tensor, got {t.dtype}")
     return t.flatten()
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a rate ``k / n`` (default 95 %); ``(nan, nan)`` when ``n = 0``.
+
+    Well-behaved at 0 and 1 and for small ``n`` (unlike the normal approximation), which is what
+    sparse budget points need: a point with few AEs gets a wide interval, not a dropped row.
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return math.nan, math.nan
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def acc_detector(clean_rejected: torch.Tensor, adv_rejected: torch.Tensor) -> float:

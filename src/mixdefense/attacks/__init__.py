@@ -4,6 +4,7 @@ and the adaptive attacks on the whole pipeline (:mod:`.adaptive`, imported on us
 Budgets are in ``[0, 1]`` pixel units: L∞ per pixel, L2 over the whole image.
 """
 
+from mixdefense.attacks.minimum_norm import CarliniWagnerL2, Restarts
 from mixdefense.attacks.registry import (
     ATTACKS,
     AttackSpec,
@@ -16,5 +17,5 @@ from mixdefense.attacks.registry import (
     run_sweep,
 )
 
-__all__ = ["ATTACKS", "AttackSpec", "BatchedDeepFool", "fgm_sweep", "fgsm_sweep", "get_attack", "perturbation_norm",
-           "run_attack", "run_sweep"]
+__all__ = ["ATTACKS", "AttackSpec", "BatchedDeepFool", "CarliniWagnerL2", "Restarts", "fgm_sweep", "fgsm_sweep",
+           "get_attack", "perturbation_norm", "run_attack", "run_sweep"]

@@ -8,23 +8,27 @@ attacks).  C&W and DeepFool have no budget: run them once and bin their AEs by t
 measured norm (:func:`perturbation_norm`).
 
 =================  =====  ============================================================
-name               norm   attack (torchattacks 3.5.1)
+name               norm   attack (torchattacks 3.5.1 unless said)
 =================  =====  ============================================================
 ``fgsm``           L∞     FGSM, one signed-gradient step of size ε
 ``fgm``            L2     one L2-normalised gradient step of length ε (PGDL2, 1 step)
-``bim_linf``       L∞     BIM (Kurakin et al.): ``steps`` signed steps of ``2.5·ε/steps``
-``bim_l2``         L2     BIM in L2: PGDL2 without random start, ``steps`` steps
-``pgd_linf``       L∞     PGD (Madry et al.), random start, ``steps`` steps
-``pgd_l2``         L2     PGDL2, random start
-``cw``             L2     Carlini–Wagner L2 (no budget; binned by measured L2)
-``deepfool``       L2     DeepFool, L2 steps (no budget; binned by measured norm)
-``deepfool_linf``  L∞     DeepFool, L∞ steps (the ℓ1-dual linearisation; binned by L∞)
+``bim_linf``       L∞     BIM (Kurakin et al.): 50 signed steps of ``2.5·ε/steps``
+``bim_l2``         L2     BIM in L2: PGDL2 without random start, 50 steps
+``pgd_linf``       L∞     PGD (Madry et al.), random start, 50 steps; ``restarts`` (first AE that fools kept)
+``pgd_l2``         L2     PGDL2, random start, 50 steps; ``restarts``
+``apgd_ce``        L∞     APGD with cross-entropy (Croce & Hein; AutoAttack's first component), 100 steps
+``apgd_dlr``       L∞     APGD with the DLR loss (AutoAttack), 100 steps
+``cw``             L2     Carlini–Wagner L2 with a binary search over c: 9 × 120 iterations
+                          (:class:`~mixdefense.attacks.minimum_norm.CarliniWagnerL2`; no budget)
+``cw_hc``          L2     the same at confidence κ = 10 (high-confidence AEs)
+``deepfool``       L2     DeepFool, L2 steps, 100 steps, overshoot 0.02 (no budget)
+``deepfool_linf``  L∞     DeepFool, L∞ steps (the ℓ1-dual linearisation), 100 steps
 =================  =====  ============================================================
 
 DeepFool is :class:`BatchedDeepFool`, a ``torchattacks.Attack`` that runs the whole batch at
-once (``K`` backward passes per step for ``K`` classes).  Its L2 form takes exactly the steps of
-``torchattacks.DeepFool`` (which loops over images one by one: minutes per batch on a CPU, and
-hours for GTSRB's 43 classes); a test checks that both give the same AEs.
+once (``K`` backward passes per step for ``K`` classes; ``torchattacks.DeepFool`` loops over images
+one by one: minutes per batch on a CPU, hours for GTSRB's 43 classes) and accumulates its steps
+before clipping, as the paper and Foolbox do.
 
 One-step attacks share work across a budget sweep: :func:`fgsm_sweep` and
 :func:`fgm_sweep` compute the loss gradient at ``x`` once and scale it for every ε (the
@@ -43,6 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchattacks
 from torchattacks.attack import Attack
+
+from mixdefense.attacks.minimum_norm import CarliniWagnerL2, Restarts
 
 
 @dataclass(frozen=True)
@@ -65,38 +71,54 @@ def _fgm(model, eps, **_):
     return torchattacks.PGDL2(model, eps=eps, alpha=eps, steps=1, random_start=False)
 
 
-def _bim_linf(model, eps, steps=10, **_):
+def _bim_linf(model, eps, steps=50, **_):
     return torchattacks.BIM(model, eps=eps, alpha=2.5 * eps / steps, steps=steps)
 
 
-def _bim_l2(model, eps, steps=10, **_):
+def _bim_l2(model, eps, steps=50, **_):
     return torchattacks.PGDL2(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=False)
 
 
-def _pgd_linf(model, eps, steps=10, alpha=None, random_start=True, **_):
-    """PGD L∞; step ``alpha`` (default ``2.5·ε/steps``)."""
-    return torchattacks.PGD(model, eps=eps, alpha=alpha or 2.5 * eps / steps, steps=steps, random_start=random_start)
+def _restarted(attack: Attack, restarts: int) -> Attack:
+    return attack if restarts == 1 else Restarts(attack, restarts)
 
 
-def _pgd_l2(model, eps, steps=10, alpha=None, random_start=True, **_):
-    """PGD L2; step ``alpha`` (default ``2.5·ε/steps``)."""
-    return torchattacks.PGDL2(model, eps=eps, alpha=alpha or 2.5 * eps / steps, steps=steps, random_start=random_start)
+def _pgd_linf(model, eps, steps=50, alpha=None, random_start=True, restarts=1, **_):
+    """PGD L∞; step ``alpha`` (default ``2.5·ε/steps``); ``restarts`` random starts, the first AE that fools kept."""
+    return _restarted(torchattacks.PGD(model, eps=eps, alpha=alpha or 2.5 * eps / steps, steps=steps,
+                                       random_start=random_start), restarts)
 
 
-def _cw(model, eps=None, c=1.0, kappa=0.0, steps=100, lr=0.01, **_):
-    return torchattacks.CW(model, c=c, kappa=kappa, steps=steps, lr=lr)
+def _pgd_l2(model, eps, steps=50, alpha=None, random_start=True, restarts=1, **_):
+    """PGD L2; step ``alpha`` (default ``2.5·ε/steps``); ``restarts`` as for L∞."""
+    return _restarted(torchattacks.PGDL2(model, eps=eps, alpha=alpha or 2.5 * eps / steps, steps=steps,
+                                         random_start=random_start), restarts)
+
+
+def _apgd(loss: str):
+    def build(model, eps, steps=100, restarts=1, **_):
+        return torchattacks.APGD(model, norm="Linf", eps=eps, steps=steps, n_restarts=restarts, loss=loss, seed=0)
+    return build
+
+
+def _cw(model, eps=None, search_steps=9, steps=120, initial_const=0.1, kappa=0.0, lr=0.1, **_):
+    return CarliniWagnerL2(model, search_steps=search_steps, steps=steps, initial_const=initial_const, kappa=kappa, lr=lr)
 
 
 class BatchedDeepFool(Attack):
     """DeepFool (Moosavi-Dezfooli et al., CVPR 2016) on a whole batch at once.
 
     Per step, for every image not yet misclassified: linearise the classifier at the current
-    point, take the closest wrong class ``l`` under the chosen norm, and step onto its
-    linearised boundary, times ``1 + overshoot``, then clip to ``[0, 1]``:
+    point, take the closest wrong class ``l`` under the chosen norm and the step ``δ`` onto its
+    linearised boundary; the steps add up to ``r`` and the iterate is ``clip(x + (1 + overshoot)·r, 0, 1)``
+    (the paper's accumulated perturbation, as Foolbox does: clipping the iterate itself after
+    every step, as ``torchattacks.DeepFool`` does, stalls on saturated pixels — on MNIST 38 % of the
+    images then end without an AE):
 
-    * ``norm="l2"``: ``δ = |f_l| · w_l / ‖w_l‖₂²`` (distance ``|f_k| / ‖w_k‖₂``), the update of
-      ``torchattacks.DeepFool``;
-    * ``norm="linf"``: ``δ = |f_l| · sign(w_l) / ‖w_l‖₁`` (distance ``|f_k| / ‖w_k‖₁``, the dual norm).
+    * ``norm="l2"``: ``δ = (d_l + 10⁻⁴) · w_l / ‖w_l‖₂`` with distance ``d_k = |f_k| / ‖w_k‖₂``;
+    * ``norm="linf"``: ``δ = (d_l + 10⁻⁴) · sign(w_l)`` with ``d_k = |f_k| / ‖w_k‖₁`` (the dual norm).
+
+    The ``10⁻⁴`` is the original implementation's (and Foolbox's) push across the boundary.
 
     ``f_k = logit_k − logit_y`` and ``w_k = ∇ₓ f_k``.  Images ``[B, C, H, W]`` in ``[0, 1]``.
     """
@@ -111,7 +133,7 @@ class BatchedDeepFool(Attack):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         images = images.clone().detach().to(self.device)
         labels = labels.clone().detach().to(self.device)
-        adv = images.clone()
+        adv, total = images.clone(), torch.zeros_like(images)
         active = torch.ones(len(images), dtype=torch.bool, device=self.device)
         for _ in range(self.steps):
             idx = active.nonzero().squeeze(1)
@@ -125,10 +147,13 @@ class BatchedDeepFool(Attack):
                 break
             k = logits.shape[1]
             grads = torch.stack([torch.autograd.grad(logits[:, c].sum(), x, retain_graph=c < k - 1)[0] for c in range(k)], 1)
-            adv[idx[going]] = self._step(x.detach()[going], logits.detach()[going], grads[going], labels[idx[going]])
+            step_idx = idx[going]
+            total[step_idx] += self._step(logits.detach()[going], grads[going], labels[step_idx])
+            adv[step_idx] = (images[step_idx] + (1 + self.overshoot) * total[step_idx]).clamp(0, 1)
         return adv.detach()
 
-    def _step(self, x: torch.Tensor, logits: torch.Tensor, grads: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _step(self, logits: torch.Tensor, grads: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The step ``δ [b, C, H, W]`` onto the closest linearised boundary (no overshoot, no clipping)."""
         rows = torch.arange(len(y), device=y.device)
         f = logits - logits[rows, y][:, None]  # [b, K]
         w = grads - grads[rows, y][:, None]  # [b, K, C, H, W]
@@ -136,19 +161,17 @@ class BatchedDeepFool(Attack):
         dist = f.abs() / dual.clamp_min(1e-12)
         dist[rows, y] = float("inf")
         l = dist.argmin(1)  # noqa: E741  (the closest wrong class)
-        f_l, w_l, n_l = f[rows, l].abs(), w[rows, l], dual[rows, l].clamp_min(1e-12)
+        w_l, step = w[rows, l], dist[rows, l] + 1e-4  # + 1e-4: the original code's push across the boundary
         if self.norm == "l2":
-            delta = (f_l / n_l**2).view(-1, 1, 1, 1) * w_l
-        else:
-            delta = (f_l / n_l).view(-1, 1, 1, 1) * w_l.sign()
-        return (x + (1 + self.overshoot) * delta).clamp(0, 1)
+            return (step / dual[rows, l].clamp_min(1e-12)).view(-1, 1, 1, 1) * w_l
+        return step.view(-1, 1, 1, 1) * w_l.sign()
 
 
-def _deepfool(model, eps=None, steps=50, overshoot=0.02, **_):
+def _deepfool(model, eps=None, steps=100, overshoot=0.02, **_):
     return BatchedDeepFool(model, steps=steps, overshoot=overshoot, norm="l2")
 
 
-def _deepfool_linf(model, eps=None, steps=50, overshoot=0.02, **_):
+def _deepfool_linf(model, eps=None, steps=100, overshoot=0.02, **_):
     return BatchedDeepFool(model, steps=steps, overshoot=overshoot, norm="linf")
 
 
@@ -157,13 +180,18 @@ ATTACKS: dict[str, AttackSpec] = {
     for s in (
         AttackSpec("fgsm", "linf", True, _fgsm, {}, "FGSM (Goodfellow et al.)"),
         AttackSpec("fgm", "l2", True, _fgm, {}, "FGM: one L2 gradient step"),
-        AttackSpec("bim_linf", "linf", True, _bim_linf, {"steps": 10}, "BIM, L∞"),
-        AttackSpec("bim_l2", "l2", True, _bim_l2, {"steps": 10}, "BIM, L2"),
-        AttackSpec("pgd_linf", "linf", True, _pgd_linf, {"steps": 10}, "PGD, L∞, random start"),
-        AttackSpec("pgd_l2", "l2", True, _pgd_l2, {"steps": 10}, "PGD, L2, random start"),
-        AttackSpec("cw", "l2", False, _cw, {"c": 1.0, "kappa": 0.0, "steps": 100, "lr": 0.01}, "Carlini–Wagner L2"),
-        AttackSpec("deepfool", "l2", False, _deepfool, {"steps": 50, "overshoot": 0.02}, "DeepFool, L2"),
-        AttackSpec("deepfool_linf", "linf", False, _deepfool_linf, {"steps": 50, "overshoot": 0.02}, "DeepFool, L∞"),
+        AttackSpec("bim_linf", "linf", True, _bim_linf, {"steps": 50}, "BIM, L∞"),
+        AttackSpec("bim_l2", "l2", True, _bim_l2, {"steps": 50}, "BIM, L2"),
+        AttackSpec("pgd_linf", "linf", True, _pgd_linf, {"steps": 50, "restarts": 1}, "PGD, L∞, random start"),
+        AttackSpec("pgd_l2", "l2", True, _pgd_l2, {"steps": 50, "restarts": 1}, "PGD, L2, random start"),
+        AttackSpec("apgd_ce", "linf", True, _apgd("ce"), {"steps": 100, "restarts": 1}, "APGD-CE, L∞ (AutoAttack)"),
+        AttackSpec("apgd_dlr", "linf", True, _apgd("dlr"), {"steps": 100, "restarts": 1}, "APGD-DLR, L∞ (AutoAttack)"),
+        AttackSpec("cw", "l2", False, _cw, {"search_steps": 9, "steps": 120, "initial_const": 0.1, "kappa": 0.0, "lr": 0.1},
+                   "Carlini–Wagner L2, binary search over c"),
+        AttackSpec("cw_hc", "l2", False, _cw, {"search_steps": 9, "steps": 120, "initial_const": 0.1, "kappa": 10.0,
+                                               "lr": 0.1}, "Carlini–Wagner L2, high confidence (κ = 10)"),
+        AttackSpec("deepfool", "l2", False, _deepfool, {"steps": 100, "overshoot": 0.02}, "DeepFool, L2"),
+        AttackSpec("deepfool_linf", "linf", False, _deepfool_linf, {"steps": 100, "overshoot": 0.02}, "DeepFool, L∞"),
     )
 }
 

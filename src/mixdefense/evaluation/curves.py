@@ -60,6 +60,17 @@ class PointResult:
     auroc: float = float("nan")
     tpr_at_5fpr: float = float("nan")
     mean_norm: float = float("nan")  # measured perturbation of the successful AEs
+    # 95 % Wilson intervals of the rates (mixdefense.evaluation.points)
+    attack_success_rate_ci_low: float = float("nan")
+    attack_success_rate_ci_high: float = float("nan")
+    detection_rate_ci_low: float = float("nan")
+    detection_rate_ci_high: float = float("nan")
+    clean_rejection_rate_ci_low: float = float("nan")
+    clean_rejection_rate_ci_high: float = float("nan")
+    acc_detector_ci_low: float = float("nan")
+    acc_detector_ci_high: float = float("nan")
+    acc_rc_ci_low: float = float("nan")
+    acc_rc_ci_high: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +99,7 @@ def budget_curve(
     """Run ``attack`` over ``budgets`` on correctly classified ``(x, y)``; metrics per budget."""
     spec = get_attack(attack)
     if not spec.budgeted:
-        raise ValueError(f"{attack} has no budget; use binned_curve")
+        raise ValueError(f"{attack} has no budget: it is a minimum-norm attack (see lightning_modules.evaluation)")
     budgets = tuple(budgets) if budgets is not None else (LINF_BUDGETS if spec.norm == "linf" else L2_BUDGETS)
     advs: list[list[torch.Tensor]] = [[] for _ in budgets]
     chunks = list(zip(x.split(batch_size), y.split(batch_size)))

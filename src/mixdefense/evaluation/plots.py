@@ -33,9 +33,12 @@ def budget_curves(
     rows: Sequence[dict], path: str | Path, metrics: Sequence[str] = ("detection_rate", "acc_detector"),
     title: str = "", group: str = "defense",
 ) -> Path:
-    """One panel per attack; a line per (``group`` value, metric) over ε; dropped points hidden.
+    """One panel per attack; a line per (``group`` value, metric) over ε.
 
-    ``rows``: dicts with ``attack``, ``norm``, ``eps``, ``kept`` and the metric keys.
+    ``rows``: dicts with ``attack``, ``norm``, ``eps``, ``kept`` and the metric keys.  No point is
+    dropped: where a row has ``<metric>_ci_low`` / ``_ci_high`` its 95 % interval is drawn as a band,
+    and points with ``kept`` False (fewer successful AEs than the sweep's ``min_successes``) are drawn
+    hollow, so sparse points show with their (wide) interval.
     """
     by_attack: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -46,6 +49,9 @@ def budget_curves(
     fig, axes = plt.subplots(rows_, cols, figsize=(4.2 * cols, 3.6 * rows_), squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
+    # one colour per line label across all panels, so a defense reads the same everywhere
+    labels = dict.fromkeys(f"{r.get(group, '')} {m}".strip() for r in rows for m in metrics)
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     for ax, (attack, items) in zip(axes.flat, by_attack.items()):
         norm = items[0]["norm"]
         scale = 255.0 if norm == "linf" else 1.0
@@ -54,13 +60,20 @@ def budget_curves(
             for m in metrics:
                 lines[(r.get(group, ""), m)].append(r)
         for (g, m), pts in lines.items():
-            pts = sorted((p for p in pts if p["kept"] and p[m] == p[m]), key=lambda p: p["eps"])  # kept, not NaN
+            pts = sorted((p for p in pts if p[m] == p[m]), key=lambda p: p["eps"])  # every point with a value
             if not pts:
                 continue
             label = f"{g} {m}".strip()
             bold = g == "mixdefense"  # the composite on top, thicker, so equal curves do not hide it
-            ax.plot([p["eps"] * scale for p in pts], [p[m] for p in pts], marker="o", ms=3, label=label,
-                    lw=2.4 if bold else 1.4, zorder=3 if bold else 2)
+            xs, ys = [p["eps"] * scale for p in pts], [p[m] for p in pts]
+            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=label, color=colours[label], lw=2.4 if bold else 1.4,
+                              zorder=3 if bold else 2)
+            lo, hi = [p.get(f"{m}_ci_low", float("nan")) for p in pts], [p.get(f"{m}_ci_high", float("nan")) for p in pts]
+            if any(v == v for v in lo):
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+            sparse = [(x, y) for x, y, p in zip(xs, ys, pts) if not p.get("kept", True)]
+            if sparse:
+                ax.plot(*zip(*sparse), ls="none", marker="o", ms=5, mfc="white", mec=line.get_color(), zorder=4)
         ax.set_title(attack)
         ax.set_xlabel(_eps_label(norm))
         ax.set_ylim(-0.02, 1.02)

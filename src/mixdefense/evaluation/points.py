@@ -13,7 +13,9 @@ rejects the AE / its clean original, and the defense's scores on both (larger = 
 * ``auroc`` and ``tpr_at_5fpr`` — scores of the successful AEs against their originals;
 * ``mean_norm`` — the successful AEs' mean perturbation.
 
-Rates are in ``[0, 1]``; a rate with nothing to count is ``nan``.
+Rates are in ``[0, 1]``; a rate with nothing to count is ``nan``.  Every rate ``r`` comes with its 95 %
+Wilson interval ``r_ci_low`` / ``r_ci_high`` (:func:`mixdefense.metrics.wilson_interval`); for
+``acc_detector`` the ``2 n`` clean and adversarial outcomes are counted as one sample of size ``2 n``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from mixdefense.metrics import (
     acc_robust_classifier,
     detection_auroc,
     tpr_at_fpr,
+    wilson_interval,
 )
 
-METRICS = ("num_aes", "num_successful", "attack_success_rate", "detection_rate", "clean_rejection_rate",
-           "acc_detector", "acc_rc", "auroc", "tpr_at_5fpr", "mean_norm")
+RATES = ("attack_success_rate", "detection_rate", "clean_rejection_rate", "acc_detector", "acc_rc")
+METRICS = ("num_aes", "num_successful", *RATES, "auroc", "tpr_at_5fpr", "mean_norm",
+           *(f"{r}_ci_{end}" for r in RATES for end in ("low", "high")))
 
 
 def point_metrics(success: torch.Tensor, correct_adv: torch.Tensor, norm: torch.Tensor, adv_rejected: torch.Tensor,
@@ -44,6 +48,8 @@ def point_metrics(success: torch.Tensor, correct_adv: torch.Tensor, norm: torch.
          "detection_rate": math.nan, "clean_rejection_rate": math.nan, "acc_detector": math.nan,
          "acc_rc": acc_robust_classifier(adv_rejected, correct_adv) if n else math.nan,
          "auroc": math.nan, "tpr_at_5fpr": math.nan, "mean_norm": float(norm[success].mean()) if n_succ else math.nan}
+    counts = {"attack_success_rate": (n_succ, n), "acc_rc": (int((adv_rejected | correct_adv).sum()), n),
+              "detection_rate": (0, 0), "clean_rejection_rate": (0, 0), "acc_detector": (0, 0)}
     if n_succ:
         s = success
         r.update(detection_rate=float(adv_rejected[s].float().mean()),
@@ -51,4 +57,9 @@ def point_metrics(success: torch.Tensor, correct_adv: torch.Tensor, norm: torch.
                  acc_detector=acc_detector(clean_rejected[s], adv_rejected[s]),
                  auroc=detection_auroc(clean_score[s], adv_score[s]),
                  tpr_at_5fpr=tpr_at_fpr(clean_score[s], adv_score[s], 0.05))
+        rejected_adv, rejected_clean = int(adv_rejected[s].sum()), int(clean_rejected[s].sum())
+        counts.update(detection_rate=(rejected_adv, n_succ), clean_rejection_rate=(rejected_clean, n_succ),
+                      acc_detector=(n_succ - rejected_clean + rejected_adv, 2 * n_succ))
+    for rate, (k, total) in counts.items():
+        r[f"{rate}_ci_low"], r[f"{rate}_ci_high"] = wilson_interval(k, total)
     return r

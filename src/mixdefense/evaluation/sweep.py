@@ -29,6 +29,8 @@ from mixdefense.io import atomic_write_text
 COMPOSITE = "mixdefense"
 UNDEFENDED = "undefended"
 BASELINE_WIDTH = 7  # [point, baseline, success, adv_correct, norm, adv margin, clean margin]
+#: every AE of the sweep is made against the bare classifier (Madry's model: against itself)
+THREAT_MODEL = "oblivious attacker: AEs made against the bare classifier"
 
 
 def baseline_table(point, b, success, correct, norm, adv_margin, clean_margin) -> torch.Tensor:
@@ -43,7 +45,7 @@ def point_row(p: dict, defense: str, success, correct_adv, norm, adv_score, clea
     :func:`mixdefense.evaluation.points.point_metrics`; scores are margins (``> 1``: rejected).
     A point is kept when it has ``min_successes`` successful AEs (``kept_by_aes``: AEs)."""
     m = point_metrics(success, correct_adv, norm, adv_score > 1, clean_score > 1, adv_score, clean_score)
-    return {"attack": p["attack"], "norm": p["norm"], "eps": p["eps"], "binned": p["binned"], "defense": defense,
+    return {"attack": p["attack"], "norm": p["norm"], "eps": p["eps"], "minimum_norm": p["minimum_norm"], "defense": defense,
             **m, "kept": (m["num_aes"] if kept_by_aes else m["num_successful"]) >= min_successes}
 
 
@@ -106,20 +108,24 @@ def format_table(result: dict) -> str:
     fr = ", ".join(f"{k} {100 * v:.1f} %" for k, v in c["false_rejection"].items())
     lines = [f"clean ({c['images']} test images): accuracy {100 * c['accuracy_classifier']:.1f} % without the defense, "
              f"{100 * c['accuracy_with_defense']:.1f} % with it (rejections count as errors); false rejection: {fr}",
-             "", f"{'attack':<16} {'eps':>9} {'AEs':>5} {'success':>8} {'Acc_det':>8} {'Acc_RC':>7} {'AUROC':>6}  caught by",]
+             f"threat model: {THREAT_MODEL}; minimum-norm attacks (≤ε) count an image at ε iff its AE has norm ≤ ε",
+             "", f"{'attack':<16} {'eps':>9} {'AEs':>5} {'success':>8} {'Acc_det':>8} {'95 % CI':>11} {'Acc_RC':>7} "
+             f"{'AUROC':>6}  caught by",]
     for r in result["points"]:
         if r["defense"] != COMPOSITE:
             continue
         eps = f"{r['eps'] * 255:.0f}/255" if r["norm"] == "linf" else f"{r['eps']:.2f}"
-        if r["binned"]:
+        if r["minimum_norm"]:
             eps = "≤" + eps
         caught = ", ".join(f"{k[len('caught_by_'):]} {100 * v:.0f} %" for k, v in r.items() if k.startswith("caught_by_"))
-        flag = "" if r["kept"] else f"  (dropped: {r['num_successful']} successful AEs < {result['min_successes']})"
+        flag = "" if r["kept"] else f"  (sparse: {r['num_successful']} successful AEs < {result['min_successes']})"
         pct = lambda v: "   —" if v != v else f"{100 * v:.1f}"  # noqa: E731
         auroc = "  —" if r["auroc"] != r["auroc"] else f"{r['auroc']:.3f}"
-        name = f"{r['attack']} ({r['norm']})" if r["binned"] else r["attack"]
+        name = f"{r['attack']} ({r['norm']})" if r["minimum_norm"] else r["attack"]
+        ci = "—" if r["acc_detector"] != r["acc_detector"] else \
+            f"{100 * r['acc_detector_ci_low']:.1f}–{100 * r['acc_detector_ci_high']:.1f}"
         lines.append(f"{name:<16} {eps:>9} {r['num_aes']:>5} {pct(r['attack_success_rate']):>8} "
-                     f"{pct(r['acc_detector']):>8} {pct(r['acc_rc']):>7} {auroc:>6}  {caught}{flag}")
+                     f"{pct(r['acc_detector']):>8} {ci:>11} {pct(r['acc_rc']):>7} {auroc:>6}  {caught}{flag}")
     return "\n".join(lines)
 
 
@@ -134,19 +140,19 @@ def comparison_table(result: dict) -> str:
     never_reject = {*result.get("robust", []), UNDEFENDED}
     names = [COMPOSITE, *result.get("baselines", []), UNDEFENDED]
     common = {(r["attack"], r["norm"], r["eps"]) for r in result["points"] if r["defense"] == COMPOSITE and r["kept"]}
-    attacks = list(dict.fromkeys((r["attack"], r["norm"], r["binned"]) for r in result["points"]))
+    attacks = list(dict.fromkeys((r["attack"], r["norm"], r["minimum_norm"]) for r in result["points"]))
     head = "| attack | " + " | ".join(f"{n} Acc_det / Acc_RC" for n in names) + " |"
     lines = [head, "|" + "---|" * (len(names) + 1)]
     fmt = lambda v: f"{100 * sum(v) / len(v):.1f}" if v else "—"  # noqa: E731
-    for attack, norm, binned in attacks:
+    for attack, norm, minimum_norm in attacks:
         cells = []
         for n in names:
-            pts = [r for r in result["points"] if (r["attack"], r["norm"], r["binned"], r["defense"]) == (attack, norm, binned, n)
+            pts = [r for r in result["points"] if (r["attack"], r["norm"], r["minimum_norm"], r["defense"]) == (attack, norm, minimum_norm, n)
                    and r["kept"] and (r["attack"], r["norm"], r["eps"]) in common]
             det = [] if n in never_reject else [r["acc_detector"] for r in pts if r["acc_detector"] == r["acc_detector"]]
             rc = [r["acc_rc"] for r in pts if r["acc_rc"] == r["acc_rc"]]
             cells.append(f"{fmt(det)} / {fmt(rc)} (n={len(pts)})")
-        label = f"{attack} ({norm}, binned)" if binned else attack
+        label = f"{attack} ({norm}, minimum-norm)" if minimum_norm else attack
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     c = result["clean"]
     acc = {COMPOSITE: c["accuracy_with_defense"], UNDEFENDED: c["accuracy_classifier"],
@@ -169,13 +175,13 @@ def write_report(result: dict, out: Path, title: str = "") -> None:
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(out / "points.csv", buf.getvalue())
-    curve_rows = [{**r, "attack": f"{r['attack']} ({r['norm']})" if r["binned"] else r["attack"]} for r in rows]
+    curve_rows = [{**r, "attack": f"{r['attack']} ({r['norm']})" if r["minimum_norm"] else r["attack"]} for r in rows]
     bundle_rows = [r for r in curve_rows if r["defense"] in (*result["layers"], COMPOSITE)]
     for metric in ("acc_detector", "acc_rc", "detection_rate"):
-        budget_curves(bundle_rows, out / f"{metric}.png", metrics=(metric,), title=f"{title} {metric}".strip())
+        budget_curves(bundle_rows, out / f"{metric}.png", metrics=(metric,), title=f"{title} {metric} ({THREAT_MODEL})".strip())
     if result.get("baselines"):
         compared = [r for r in curve_rows if r["defense"] not in result["layers"]]
         detectors = [r for r in compared if r["defense"] not in (*result.get("robust", []), UNDEFENDED)]
-        budget_curves(detectors, out / "compare_acc_detector.png", metrics=("acc_detector",), title=f"{title} Acc_detector".strip())
-        budget_curves(compared, out / "compare_acc_rc.png", metrics=("acc_rc",), title=f"{title} Acc_RC".strip())
+        budget_curves(detectors, out / "compare_acc_detector.png", metrics=("acc_detector",), title=f"{title} Acc_detector ({THREAT_MODEL})".strip())
+        budget_curves(compared, out / "compare_acc_rc.png", metrics=("acc_rc",), title=f"{title} Acc_RC ({THREAT_MODEL})".strip())
         atomic_write_text(out / "comparison.md", comparison_table(result) + "\n")
