@@ -57,7 +57,7 @@ help:
 	@echo "make install                       only the virtual environment $(VENV) with the package"
 	@echo "make data                          only the datasets, materialised into \$$MIXDEFENSE_DATA"
 	@echo "make train-classifier DATASET=ds   train + test the target classifier (PROFILE=cpu|paper)"
-	@echo "make train-cgan DATASET=ds         train the revised cGAN (Algorithm 1), then evaluate-cgan on the new candidate (PROFILE=cpu|paper)"
+	@echo "make train-cgan DATASET=ds         train the revised cGAN (Algorithm 1), then evaluate-cgan on the new candidate (PROFILE=cpu|paper; cifar10: long)"
 	@echo "make evaluate-cgan DATASET=ds      faithfulness (SSIM) and label binding of a cGAN (CGAN=path, default the shipped one), Figure-8 grid"
 	@echo "make train-metric DATASET=ds       train ContraNet's metric model M, then evaluate-contranet with the new candidate M"
 	@echo "make evaluate-contranet DATASET=ds calibrate ContraNet (M, L2, SSIM, M+SSIM; METRIC=/CGAN=path, default the shipped ones)"
