@@ -1,12 +1,6 @@
 """LightningModules over the plain-PyTorch core in :mod:`mixdefense`."""
 
-from lightning_modules.callbacks import (
-           ExportAutoencoder,
-           ExportCGAN,
-           ExportClassifier,
-           ExportMetric,
-           WallClock,
-)
+from lightning_modules.callbacks import ExportAutoencoder, ExportCGAN, ExportClassifier, ExportMetric, WallClock
 from lightning_modules.cgan import CGANModule
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.evaluation import MixDefenseEvaluation

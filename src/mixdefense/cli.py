@@ -152,8 +152,8 @@ QUIET_COMMANDS = ("test", "predict")
 
 
 def quiet_libraries() -> None:
-    """Keep Lightning's info lines (accelerator notices, tips; with ``--verbose=false`` its metrics table) and
-    library deprecation/future warnings off the screen; warnings that concern the user's run still show.  ``MIXDEFENSE_VERBOSE=1`` keeps them all."""
+    """Keep Lightning's info lines (accelerator notices, tips) and library deprecation/future warnings off
+    the screen; warnings that concern the user's run still show.  ``MIXDEFENSE_VERBOSE=1`` keeps them all."""
     import logging
     import warnings
 

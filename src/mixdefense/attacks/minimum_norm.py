@@ -99,14 +99,18 @@ class Restarts(Attack):
         self.inner, self.restarts = attack, restarts
         self.supported_mode = ["default"]
 
+    def _fools(self, adv: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.get_logits(adv).argmax(1) != labels.to(adv.device)
+
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         out = self.inner(images, labels).detach()
-        fooled = self.get_logits(out).argmax(1) != labels.to(out.device)
+        fooled = self._fools(out, labels)
         for _ in range(self.restarts - 1):
             if fooled.all():
                 break
             todo = (~fooled).nonzero().squeeze(1)
             adv = self.inner(images[todo], labels[todo]).detach()
             out[todo] = adv
-            fooled[todo] = self.get_logits(adv).argmax(1) != labels[todo].to(out.device)
+            fooled[todo] = self._fools(adv, labels[todo])
         return out

@@ -104,9 +104,8 @@ def validate(record: object, where: str) -> dict:
             fail(f"artifact path {path!r} must be relative to the repository root")
         if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
             fail(f"artifact {key!r}: {digest!r} is not a sha256 (64 lowercase hex digits)")
-    for k in ("summary",):
-        if k in record and not isinstance(record[k], dict):
-            fail(f"{k!r} must be an object")
+    if "summary" in record and not isinstance(record["summary"], dict):
+        fail("'summary' must be an object")
     if "note" in record and not isinstance(record["note"], str):
         fail("'note' must be a string")
     return record

@@ -3,7 +3,8 @@
 The protocol (paper §5.1–5.2): AEs are made from test images the classifier gets right;
 for each (attack, ε) the *successful* AEs (classified wrongly) are paired with their clean
 originals, half and half, for ``Acc_detector`` (eq. 7); ``Acc_RC`` (eq. 8) counts all AEs.
-A point with fewer than ``min_successes`` successful AEs is dropped (paper: 100).
+A point with fewer than ``min_successes`` successful AEs is marked sparse (``kept`` False; the
+paper dropped them below 100); its rates still carry their 95 % intervals.
 
 A *detector* here is any callable ``detector(x) -> (rejected bool [B], score float [B])``
 on images in ``[0, 1]``, where a larger score means "more adversarial".

@@ -12,7 +12,7 @@ learns the manifold of clean data.  Then:
 
 The detectors are OR-combined; their thresholds come from clean validation images so that the
 *combined* clean false rejection stays ≤ the target (each detector cut at the same per-score
-quantile: :func:`mixdefense.layers.contranet.or_calibrate`, the same rule as ContraNet's OR).
+quantile: :func:`mixdefense.layers.thresholds.or_calibrate`, the same rule as ContraNet's OR).
 
 Like :class:`~mixdefense.layers.squeezing.FeatureSqueezing`, the layer is ``kind = "post"`` (the
 ``jsd`` detectors need the classifier; the label it is given is ignored) and the pipeline binds
@@ -29,12 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixdefense.classifiers import UsesClassifier
-from mixdefense.io import (
-    build_configured,
-    configured_payload,
-    load_tagged,
-    save_configured,
-)
+from mixdefense.io import build_configured, configured_payload, load_tagged, save_configured
 from mixdefense.layers.base import DetectorLayer, register_layer
 from mixdefense.layers.thresholds import or_calibrate
 from mixdefense.validation import check_images
