@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from mixdefense.splits import protocol_splits
+
 
 def default_data_root() -> Path:
     """``$MIXDEFENSE_DATA`` if set, else ``./data``."""
@@ -86,6 +88,10 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+#: values of ``test_split``
+TEST_SPLIT_CHOICES = ("test", "selection", "calibration", "all")
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Base datamodule: subclasses set ``name``, ``num_classes``, ``in_channels``, ``default_image_size``
     and implement :meth:`load_split` and :meth:`expected_files`.
@@ -101,6 +107,11 @@ class ImageDataModule(pl.LightningDataModule):
         augment: apply random translation (and flip, where the dataset allows) to training batches.
         translate: maximal shift in pixels of the random translation.
         train_subset / test_subset: keep only the first N images of a split (quick runs, tests).
+        test_split: which part of the test set ``data_test`` holds (:mod:`mixdefense.splits`):
+            ``"test"`` (default: the protocol's test split, reported once), ``"selection"`` (every
+            choice between variants and settings), ``"calibration"`` (datasets that calibrate on
+            test images: GTSRB) or ``"all"`` (the whole test set).  ``split_indices["test"]`` records
+            which test images they are.
         image_size: side length ``H = W`` of the images, in pixels; ``None`` keeps the dataset's
             :attr:`default_image_size` (its native size for MNIST and CIFAR-10), another value
             resizes at load time (bilinear, antialiased).
@@ -117,6 +128,9 @@ class ImageDataModule(pl.LightningDataModule):
     in_channels: int = 0
     default_image_size: int = 0
     hflip: bool = False
+    #: sizes of the protocol's selection (and, for datasets calibrated on test images, calibration)
+    #: splits of the test set (mixdefense.splits); the test split takes the rest
+    protocol_sizes: dict[str, int] = {"selection": 2000}
 
     def __init__(
         self,
@@ -133,6 +147,7 @@ class ImageDataModule(pl.LightningDataModule):
         image_size: int | None = None,
         class_balance: float = 0.0,
         train_indices: bool = False,
+        test_split: str = "test",
     ):
         super().__init__()
         image_size = self.default_image_size if image_size is None else image_size
@@ -148,6 +163,8 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"class_balance must be in [0, 1], got {class_balance}")
         if translate < 0:
             raise ValueError(f"translate must be >= 0 pixels, got {translate}")
+        if test_split not in TEST_SPLIT_CHOICES:
+            raise ValueError(f"test_split must be one of {TEST_SPLIT_CHOICES}, got {test_split!r}")
         for key, value in (("train_subset", train_subset), ("test_subset", test_subset)):
             if value is not None and value < 1:
                 raise ValueError(f"{key} must be None (all images) or >= 1, got {value}")
@@ -164,6 +181,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.image_size = image_size
         self.class_balance = class_balance
         self.train_indices = train_indices
+        self.test_split = test_split
+        self.split_indices: dict[str, torch.Tensor] = {}
         self.data_train: ImageTensorDataset | None = None
         self.data_val: ImageTensorDataset | None = None
         self.data_test: ImageTensorDataset | None = None
@@ -248,13 +267,50 @@ class ImageDataModule(pl.LightningDataModule):
             self.data_train = ImageTensorDataset(images[train_idx], labels[train_idx], with_index=self.train_indices)
             self.data_val = ImageTensorDataset(images[val_idx], labels[val_idx])
             #: where each training / validation image sits in the source training set (disjoint by construction)
-            self.split_indices = {"train": train_idx, "val": val_idx}
+            self.split_indices.update(train=train_idx, val=val_idx)
         if stage in (None, "test", "predict") and self.data_test is None:
             images, labels = self.load_split(train=False)
             self.check_split(images, labels, "test")
+            if self.test_split == "all":
+                idx = torch.arange(len(labels))
+            else:
+                idx = self.protocol_splits(images, labels)[self.test_split]
+                if not len(idx):
+                    raise ValueError(f"{self.name} has no test-set {self.test_split!r} split "
+                                     "(its calibration images are the validation split)")
             if self.test_subset:
-                images, labels = images[: self.test_subset], labels[: self.test_subset]
-            self.data_test = ImageTensorDataset(images, labels)
+                idx = idx[: self.test_subset]
+            self.data_test = ImageTensorDataset(images[idx], labels[idx])
+            #: which test images ``data_test`` holds (positions in the whole test set)
+            self.split_indices["test"] = idx
+
+    def test_groups(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Group ids ``[N]`` of test images that must stay in one split (one physical object); ``None``: independent images."""
+        return None
+
+    def calibration_data(self, split: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``(x float [N, C, H, W] in [0, 1], y [N], source)``: the first ``n`` clean calibration images of ``split``.
+
+        ``"val"``: the validation split the training configs hold out (``val_fraction=0.1``, seed 0),
+        source ``{"split": "val"}``; ``"test_calibration"``: the test set's calibration split
+        (:mod:`mixdefense.splits`), source ``{"split": "test_calibration", "test_indices": [...]}``.
+        """
+        if split not in ("val", "test_calibration"):
+            raise ValueError(f"calibration split must be 'val' or 'test_calibration', got {split!r}")
+        dm = type(self)(data_root=str(self.data_root), image_size=self.image_size, val_fraction=0.1, seed=0,
+                        test_split="calibration" if split == "test_calibration" else "test")
+        if split == "val":
+            dm.setup("fit")
+            return dm.data_val.images[:n].float() / 255, dm.data_val.labels[:n], {"split": split}
+        dm.setup("test")
+        if n is not None and n > len(dm.data_test):
+            raise ValueError(f"{self.name}'s calibration split holds {len(dm.data_test)} images, asked for {n}")
+        idx = dm.split_indices["test"][:n]
+        return dm.data_test.images[:n].float() / 255, dm.data_test.labels[:n], {"split": split, "test_indices": idx.tolist()}
+
+    def protocol_splits(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The protocol's calibration / selection / test index sets of the test set (:func:`mixdefense.splits.protocol_splits`)."""
+        return protocol_splits(len(labels), self.protocol_sizes, self.test_groups(images, labels), seed=0)
 
     def _loader(self, data: Dataset | None, shuffle: bool, sampler: WeightedRandomSampler | None = None) -> DataLoader:
         if data is None:

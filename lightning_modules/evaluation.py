@@ -13,27 +13,39 @@ Per test batch (images in ``[0, 1]``):
    then placed on the budgets of their norm cumulatively: at budget ε an image is attacked
    successfully iff its minimal AE fools the classifier with norm ≤ ε; otherwise its row at ε is
    the clean image (the attacker has nothing within ε), so every budget counts every image;
-3. each AE and its clean original are scored by every layer; one row per image and point is kept
-   (point, success, correct, norm, margins of the AE and of its original).
+3. each AE is scored by every layer; one row per image and point is kept (point, success,
+   correct, norm, margins of the AE).
 
 Rows are ``torchmetrics.CatMetric`` states, so under DDP every process attacks its shard and
 the rows are gathered before the metrics are computed (the same numbers as one process).
-At the end of the test epoch, per (attack, ε) and defense (each layer alone, and the
-composite ``mixdefense``): Acc_detector (eq. 7), Acc_RC (eq. 8), detection rate, the clean
-rejection on the originals, AUROC and TPR at 5 % FPR (score: the largest layer margin), and
-which layer caught the successful AEs first, every rate with its 95 % Wilson interval; points
-with fewer than ``min_successes`` successful AEs are marked sparse (``kept`` False) and still
-reported and drawn, with their wider interval (paper: dropped below 100).  Written to ``report_dir``:
-``evaluation.json``, ``points.csv``, ``acc_detector.png`` (Figure 5), ``acc_rc.png``
-(Figure 6), ``detection_rate.png``; the same table and curves go to W&B when it is a logger.
+**Operating points.**  Before the first batch, every layer and detector baseline scores the
+clean calibration images the bundle was calibrated on (its record names the split:
+``mixdefense.splits``), and only the *correctly classified* ones set, for every rate of ``frrs``
+(default 1 % and 5 %), each detector's cut-off (:func:`mixdefense.calibration.margin_cutoffs`):
+each layer alone, Feature Squeezing and MagNet at that rate; the composite keeps SAEC's deployed
+threshold and gives ContraNet what is left, so that together they reject that rate.  Every
+compared detector thus pays the same clean cost, and detection rates use those deployed
+thresholds only.
+
+At the end of the test epoch, per (attack, ε), defense (each layer alone, and the composite
+``mixdefense``) and operating point: Acc_detector (eq. 7: the mean of the clean acceptance on the
+fixed clean set — the correctly classified clean test images — and the detection rate), Acc_RC
+(eq. 8), detection rate, AUROC against the fixed clean set, and which layer caught the successful
+AEs first, every rate with its 95 % interval; per defense and operating point the clean false
+rejection and how many *misclassified* clean images it rejects (a catch, not a cost).  Points with
+fewer than ``min_successes`` successful AEs are marked sparse (``kept`` False) and still reported
+and drawn, with their wider interval (paper: dropped below 100).  Written to ``report_dir``:
+``evaluation.json``, ``points.csv``, per operating point ``acc_detector_frr1.png`` (Figure 5),
+``acc_rc_frr1.png`` (Figure 6), ``detection_rate_frr1.png`` (…``_frr5``); the same table and
+curves go to W&B when it is a logger.
 
 Baselines (``baselines: {name: file}``, :mod:`mixdefense.evaluation.baselines`): detector
 baselines (Feature Squeezing, MagNet) score the *same* AEs and clean originals as the bundle's
 layers, with their own output label (MagNet: the classifier's label on the reformed input);
 robust classifiers (Madry) are attacked white-box with the same attacks, budgets and test
 images (the images *they* classify correctly).  The undefended classifier is a defense that
-never rejects.  ``compare_acc_detector.png`` and ``compare_acc_rc.png`` put them on the same
-panels as the composite, like the paper's Figures 5 and 6.
+never rejects.  ``compare_acc_detector_frr1.png`` and ``compare_acc_rc_frr1.png`` (and ``_frr5``) put them on the
+same panels as the composite, like the paper's Figures 5 and 6; ``comparison.md`` tabulates them.
 
 Resume and reproducibility: every test batch draws its random numbers from
 ``torch.manual_seed(seed + batch index)`` (PGD's random start), so a batch's AEs do not depend
@@ -61,6 +73,7 @@ from torchmetrics import CatMetric
 from tqdm.auto import tqdm
 
 from mixdefense.attacks import get_attack, perturbation_norm, run_attack, run_sweep
+from mixdefense.calibration import margin_cutoffs
 from mixdefense.evaluation.baselines import load_baseline
 from mixdefense.evaluation.sweep import (
     BASELINE_WIDTH,
@@ -69,12 +82,13 @@ from mixdefense.evaluation.sweep import (
     baseline_table,
     comparison_table,
     format_table,
+    frr_tag,
     summarize,
     write_report,
 )
 from mixdefense.io import atomic_torch_save
 from mixdefense.pipeline import load_detector
-from mixdefense.splits import check_disjoint_from_holdout
+from mixdefense.splits import check_disjoint_from_calibration, indices_digest
 
 LINF_UNIT = 255.0
 
@@ -115,11 +129,15 @@ class MixDefenseEvaluation(pl.LightningModule):
             Feature Squeezing / MagNet files, or a robust classifier file such as ``madry.pt``).
         seed: base of the per-batch seeds (batch ``i`` uses ``seed + i``).
         resume: reuse the finished batches of a killed run with the same settings.
+        frrs: the operating points: clean false-rejection rates every detector is reported at.
+        calibration_images: how many images of the bundle's calibration split set the cut-offs
+            (the correctly classified ones among them).
     """
 
     def __init__(self, bundle: str, attacks: dict[str, dict[str, Any]], min_successes: int = 100,
                  report_dir: str = "results/mixdefense", title: str = "", examples: int = 0,
-                 baselines: dict[str, str] | None = None, seed: int = 0, resume: bool = True):
+                 baselines: dict[str, str] | None = None, seed: int = 0, resume: bool = True,
+                 frrs: list[float] | None = None, calibration_images: int = 2000):
         super().__init__()
         if not Path(bundle).exists():
             raise FileNotFoundError(f"detector bundle not found: {bundle} (make it with `mixdefense bundle --dataset ...`)")
@@ -138,16 +156,49 @@ class MixDefenseEvaluation(pl.LightningModule):
         # the contents (not the dates) of the bundle and baseline files: partial rows survive a git clone
         self._files_digest = "".join(hashlib.sha256(Path(f).read_bytes()).hexdigest()
                                      for f in [bundle, *(baselines or {}).values()])
-        self.ae_rows = CatMetric(nan_strategy="disable")  # [point, success, adv_correct, norm, adv margins (L), clean margins (L)]
+        frrs = [0.01, 0.05] if frrs is None else list(frrs)
+        if not frrs or any(not 0.0 < f < 1.0 for f in frrs):
+            raise ValueError(f"frrs must be a non-empty list of rates in (0, 1), got {frrs}")
+        self.frrs = [float(f) for f in frrs]
+        self.cutoffs: dict[float, dict[str, torch.Tensor]] = {}
+        self.calibration: dict = {}
+        self.ae_rows = CatMetric(nan_strategy="disable")  # [point, success, adv_correct, norm, adv margins (L)]
         self.clean_rows = CatMetric(nan_strategy="disable")  # [correct, margins (L)]
         self.baseline_rows = CatMetric(nan_strategy="disable")  # BASELINE_WIDTH columns
         self.baseline_clean_rows = CatMetric(nan_strategy="disable")  # [baseline, correct, margin]
 
     def on_test_start(self) -> None:
-        """Refuse to evaluate on test images that the bundle's calibration hold-out took (``mixdefense.splits``)."""
-        data = getattr(getattr(self.trainer, "datamodule", None), "data_test", None)
-        if data is not None:
-            check_disjoint_from_holdout(getattr(self.detector, "record", {}).get("contranet_calibration", {}), len(data))
+        """Refuse test images the bundle was calibrated on, then set every detector's cut-offs."""
+        dm = getattr(self.trainer, "datamodule", None)
+        record = getattr(self.detector, "record", {}).get("contranet_calibration", {})
+        if dm is None or not hasattr(dm, "calibration_data"):
+            raise RuntimeError("the evaluation needs a datamodule with calibration_data() (datamodules.ImageDataModule)")
+        check_disjoint_from_calibration(record, dm.split_indices["test"])
+        self.set_cutoffs(*dm.calibration_data(record.get("split", "val"), self.hparams.calibration_images)[:2])
+
+    @torch.no_grad()
+    def set_cutoffs(self, x: torch.Tensor, y: torch.Tensor, batch_size: int = 250) -> None:
+        """Cut-offs of every detector at every rate of ``frrs`` from clean calibration images ``(x, y)``
+        (only the correctly classified ones count; :func:`mixdefense.calibration.margin_cutoffs`)."""
+        labels, margins, base = [], [], {b.name: [] for b in self.baselines if b.attack_model is None}
+        for xb in x.split(batch_size):
+            xb = xb.to(self.device)
+            lab, m = self.detector.layer_table(xb)
+            labels.append(lab.cpu())
+            margins.append(m.T.cpu().float())
+            for b in self.baselines:
+                if b.attack_model is None:
+                    base[b.name].append(b.labels_and_margins(xb)[1].cpu().float())
+        ok = torch.cat(labels) == y.cpu()
+        m = torch.cat(margins)[ok]
+        names = self.detector.layer_names
+        self.calibration = {"images": len(y), "correctly_classified": int(ok.sum()), "misclassified": int((~ok).sum()),
+                            "split": getattr(self.detector, "record", {}).get("contranet_calibration", {}).get("split", "val")}
+        for frr in self.frrs:
+            cuts = {name: margin_cutoffs(m[:, [i]], frr) for i, name in enumerate(names)}
+            cuts[COMPOSITE] = margin_cutoffs(m, frr, fixed=len(names) - 1)
+            cuts.update({name: margin_cutoffs(torch.cat(v)[ok][:, None], frr) for name, v in base.items()})
+            self.cutoffs[float(frr)] = cuts
 
     def _attack_kwargs(self, name: str) -> dict:
         return {k: v for k, v in self.hparams.attacks[name].items() if k not in ("budgets", "bins")}
@@ -180,8 +231,8 @@ class MixDefenseEvaluation(pl.LightningModule):
     def _signature(self, x: torch.Tensor, y: torch.Tensor) -> str:
         """What a batch's rows depend on (settings, bundle and baseline files, the batch itself):
         partial rows of another run or another data split are never reused."""
-        h = hashlib.sha256(json.dumps({k: self.hparams[k] for k in ("bundle", "attacks", "baselines", "seed")},
-                                      sort_keys=True, default=str).encode())
+        h = hashlib.sha256(json.dumps({k: self.hparams[k] for k in ("bundle", "attacks", "baselines", "seed")}
+                                      | {"frrs": self.frrs}, sort_keys=True, default=str).encode())
         h.update(self._files_digest.encode())
         h.update(x.detach().cpu().contiguous().numpy().tobytes())
         h.update(y.detach().cpu().contiguous().numpy().tobytes())
@@ -226,12 +277,11 @@ class MixDefenseEvaluation(pl.LightningModule):
                     # outside the budget the attacker has no AE: the row is the clean image (correct, clean margins)
                     s_i, c_i = success * within, torch.where(within, correct, torch.ones_like(correct))
                     n_i, m_i = torch.where(within, norm, torch.zeros_like(norm)), torch.where(within[None], adv_m, clean_m)
-                    rows["ae"].append(torch.cat([point[:, None], s_i[:, None], c_i[:, None], n_i[:, None],
-                                                 m_i.T.float(), clean_m.T.float()], 1))
+                    rows["ae"].append(torch.cat([point[:, None], s_i[:, None], c_i[:, None], n_i[:, None], m_i.T.float()], 1))
                     for b, (b_labels, b_margin) in scored.items():
                         b_correct = torch.where(within, (b_labels == ya).float(), clean_b_correct[b])
                         rows["baseline"].append(baseline_table(point, b, s_i, b_correct, n_i,
-                                                                torch.where(within, b_margin, clean_b[b]), clean_b[b]))
+                                                                torch.where(within, b_margin, clean_b[b])))
 
     def _attack_robust(self, b: int, baseline, x, y, rows):
         """A robust classifier attacked white-box on the test images it gets right (Acc_RC only)."""
@@ -252,7 +302,7 @@ class MixDefenseEvaluation(pl.LightningModule):
                     z = torch.zeros_like(norm)
                     rows["baseline"].append(baseline_table(point, b, success * within,
                                                             torch.where(within, correct, torch.ones_like(correct)),
-                                                            torch.where(within, norm, z), z, z))
+                                                            torch.where(within, norm, z), z))
 
     def _make_aes(self, name, model, xa, ya, ids) -> list[torch.Tensor]:
         with torch.inference_mode(False), torch.enable_grad():
@@ -284,27 +334,39 @@ class MixDefenseEvaluation(pl.LightningModule):
             torchvision.utils.save_image(img, out / f"{i:02d}.png")
 
     def on_test_epoch_end(self):
-        ae = _as_table(self.ae_rows, 4 + 2 * self.num_layers)
+        ae = _as_table(self.ae_rows, 4 + self.num_layers)
         clean = _as_table(self.clean_rows, 1 + self.num_layers)
         base = _as_table(self.baseline_rows, BASELINE_WIDTH)
         base_clean = _as_table(self.baseline_clean_rows, 3)
         for metric in self._metrics().values():
             metric.reset()
+        if not self.cutoffs:
+            raise RuntimeError("no cut-offs: on_test_start did not run (set_cutoffs(x, y) sets them by hand)")
         result = summarize(ae, clean, self.points, self.detector.layer_names, self.hparams.min_successes,
-                           baselines=[b.name for b in self.baselines], baseline_rows=base, baseline_clean=base_clean,
-                           robust=[b.name for b in self.baselines if b.attack_model is not None])
+                           cutoffs=self.cutoffs, baselines=[b.name for b in self.baselines], baseline_rows=base,
+                           baseline_clean=base_clean, robust=[b.name for b in self.baselines if b.attack_model is not None])
         result["bundle"] = self.hparams.bundle
         result["baseline_files"] = dict(self.hparams.baselines or {})
+        result["calibration"] = {**self.calibration, "cutoffs": {str(f): {d: c.tolist() for d, c in cuts.items()}
+                                                                 for f, cuts in self.cutoffs.items()}}
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and "test" in getattr(dm, "split_indices", {}):
+            idx = dm.split_indices["test"]
+            result["test_images"] = {"split": dm.test_split, "count": len(idx), "first": int(idx[0]), "last": int(idx[-1]),
+                                     "indices_sha256": indices_digest(idx)}
+        first_op = str(self.frrs[0])
         self.log_dict({"clean/accuracy": result["clean"]["accuracy_classifier"],
-                       "clean/accuracy_with_defense": result["clean"]["accuracy_with_defense"]}, sync_dist=False)
+                       "clean/accuracy_with_defense": result["clean"]["operating_points"][first_op][COMPOSITE]["accuracy"]},
+                      sync_dist=False)
         if self.trainer.is_global_zero:
             write_report(result, Path(self.hparams.report_dir), self.hparams.title)
             self._log_wandb(result)
             print("\n" + format_table(result))
-            if self.baselines:
-                print("\n" + comparison_table(result))
-            print(f"wrote {self.hparams.report_dir}/evaluation.json, points.csv, acc_detector.png, acc_rc.png, "
-                  "detection_rate.png" + (", compare_acc_detector.png, compare_acc_rc.png" if self.baselines else ""))
+            for frr in self.cutoffs if self.baselines else ():
+                print("\n" + comparison_table(result, frr))
+            tags = ", ".join(frr_tag(f) for f in self.cutoffs)
+            print(f"wrote {self.hparams.report_dir}/evaluation.json, points.csv, acc_detector_*.png, acc_rc_*.png, "
+                  f"detection_rate_*.png" + (", compare_*.png, comparison.md" if self.baselines else "") + f" ({tags})")
             # every process wrote its batches before the rows were gathered: the run is complete
             shutil.rmtree(Path(self.hparams.report_dir) / "partial", ignore_errors=True)
 
@@ -322,7 +384,7 @@ class MixDefenseEvaluation(pl.LightningModule):
                     series = {}
                     for r in rows:
                         if r["attack"] == attack and r["kept"]:
-                            series.setdefault(r["defense"], []).append((r["eps"], r[metric]))
+                            series.setdefault(f"{r['defense']} @{frr_tag(r['frr_target'])}", []).append((r["eps"], r[metric]))
                     if series:
                         keys = list(series)
                         xs = [[p[0] for p in series[k]] for k in keys]

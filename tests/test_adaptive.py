@@ -272,8 +272,8 @@ def test_adaptive_report_writes_its_files(data_root, tmp_path, detector):
         assert r["max_norm"] <= 0.3 + 1e-6
 
 
-def test_adaptive_recalibrates_on_the_holdout_and_records_it(data_root):
-    """``--calibration-split holdout``: ContraNet is recalibrated on the last test images, the record says which."""
+def test_adaptive_recalibrates_on_correctly_classified_images_and_records_it(data_root):
+    """Recalibration at another rate uses only the correctly classified calibration images; the record says so."""
     from mixdefense.cli import load_calibration_images
     from mixdefense.commands.adaptive import ensure_frr
 
@@ -281,7 +281,8 @@ def test_adaptive_recalibrates_on_the_holdout_and_records_it(data_root):
         return load_calibration_images(dataset, split, n, data_root=str(data_root))
 
     det = load_detector(MNIST_BUNDLE)  # a fresh copy: ensure_frr recalibrates in place
-    held = ensure_frr(det, "mnist", 0.05, 200, load, "holdout")
-    assert held["split"] == "holdout" and held["test_indices"] == [9800, 10000] and held["target_frr"] == 0.05
+    held = ensure_frr(det, "mnist", 0.05, 200, load, "val")
+    assert held["split"] == "val" and held["target_frr"] == 0.05
+    assert held["num_images"] == held["correctly_classified"] == 200 - held["misclassified"]
     same = ensure_frr(det, "mnist", 0.05, 200, load)  # already at 5 %: kept as it is
     assert same["thresholds"] == held["thresholds"] and "split" not in same

@@ -12,6 +12,7 @@ import torch.nn as nn
 from scipy.ndimage import median_filter as scipy_median
 
 from mixdefense.classifiers import Classifier, load_classifier, save_classifier
+from mixdefense.commands.baselines import SQUEEZERS
 from mixdefense.evaluation.baselines import (
     DetectorBaseline,
     RobustClassifier,
@@ -26,8 +27,11 @@ from mixdefense.layers.magnet import (
 from mixdefense.layers.squeezing import (
     FeatureSqueezing,
     bit_depth,
+    lab_to_rgb,
     median_filter,
+    non_local_means,
     parse_squeezer,
+    rgb_to_lab,
     squeeze,
 )
 from mixdefense.pipeline import MixDefense, load_detector, save_bundle
@@ -75,6 +79,136 @@ def test_squeezer_specs_are_checked():
             parse_squeezer(bad)
     with pytest.raises(ValueError, match="bits"):
         squeeze(torch.rand(1, 1, 4, 4), "bits:0")
+
+
+def _nlm_reference(x: np.ndarray, search: int, patch: int, h: float) -> np.ndarray:
+    """Non-local means pixel by pixel, straight from the formula (numpy's 'reflect' = OpenCV's BORDER_DEFAULT)."""
+    s2, p2 = search // 2, patch // 2
+    pad = s2 + p2
+    c, height, width = x.shape
+    xp = np.pad(x.astype(np.float64) * 255, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    out = np.zeros((c, height, width))
+    for i in range(height):
+        for j in range(width):
+            ci, cj = i + pad, j + pad
+            ref = xp[:, ci - p2:ci + p2 + 1, cj - p2:cj + p2 + 1]
+            num, den = np.zeros(c), 0.0
+            for di in range(-s2, s2 + 1):
+                for dj in range(-s2, s2 + 1):
+                    other = xp[:, ci + di - p2:ci + di + p2 + 1, cj + dj - p2:cj + dj + p2 + 1]
+                    w = math.exp(-((ref - other) ** 2).mean() / h**2)
+                    w = 0.0 if w < 1e-3 else w
+                    num += w * xp[:, ci + di, cj + dj]
+                    den += w
+            out[:, i, j] = num / den / 255
+    return out
+
+
+def _smooth_image(c: int = 3, size: int = 24) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    return torch.stack([0.5 + 0.3 * torch.sin(3 * xx + 2 * yy + k) for k in range(c)])[None]
+
+
+def test_non_local_means_equals_the_formula_pixel_by_pixel():
+    torch.manual_seed(0)
+    x = _smooth_image(2, 8) + 0.05 * torch.rand(1, 2, 8, 8)
+    ours = non_local_means(x.double(), search=5, patch=3, h=15.0)[0].numpy()
+    assert np.allclose(ours, _nlm_reference(x[0].double().numpy(), 5, 3, 15.0), atol=1e-9)
+
+
+def test_rgb_to_lab_matches_opencv_and_round_trips():
+    """OpenCV's float ``cvtColor(bgr, COLOR_LBGR2Lab)`` (L in 0–100, a, b unshifted) of a few colours, and the inverse."""
+    rgb = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.2, 0.5, 0.7], [0.004, 0.003, 0.002], [1, 1, 1], [0, 0, 0]],
+                       dtype=torch.double)
+    opencv = torch.tensor([[53.240585, 80.09416, 67.20153], [87.7351, -86.18125, 83.177475],
+                           [32.295673, 79.18697, -107.86175], [72.93352, -12.557894, -21.605719],
+                           [2.8368156, 0.4034564, 1.5504062], [100, 0, 0], [0, 0, 0]], dtype=torch.double)
+    lab = rgb_to_lab(rgb.T.reshape(1, 3, 1, 7))[0, :, 0].T  # scaled as OpenCV's 8-bit Lab, / 255
+    assert torch.allclose(lab * torch.tensor([100.0, 255, 255]) - torch.tensor([0.0, 128, 128]), opencv, atol=2e-4)
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 5, 7, dtype=torch.double)
+    assert torch.allclose(lab_to_rgb(rgb_to_lab(x)), x, atol=1e-10)
+    assert torch.allclose(lab_to_rgb(rgb_to_lab(x.float())), x.float(), atol=2e-6)  # float32: < 0.0005 on the 0–255 scale
+    assert rgb_to_lab(x).min() >= 0 and rgb_to_lab(x).max() <= 1
+
+
+def test_colour_non_local_means_is_opencvs_lab_pipeline():
+    """Colour: L denoised with h, the (a, b) pair jointly with h_color, in the scaled Lab, and back; others: directly."""
+    torch.manual_seed(0)
+    x = (_smooth_image(3, 8) + 0.05 * torch.rand(1, 3, 8, 8)).clamp(0, 1).double()
+    lab = rgb_to_lab(x)[0].numpy()
+    ref_lab = np.concatenate([_nlm_reference(lab[:1], 5, 3, 3.0), _nlm_reference(lab[1:], 5, 3, 2.0)])
+    ref = lab_to_rgb(torch.from_numpy(ref_lab)[None]).clamp(0, 1)
+    assert torch.allclose(non_local_means(x, 5, 3, h=3.0, h_color=2.0), ref, atol=1e-9)
+    assert not torch.allclose(non_local_means(x, 5, 3, h=3.0, h_color=2.0), non_local_means(x, 5, 3, h=2.0, h_color=3.0))
+    gray = x[:, :1]
+    assert torch.allclose(non_local_means(gray, 5, 3, 3.0), torch.from_numpy(_nlm_reference(gray[0].numpy(), 5, 3, 3.0))[None],
+                          atol=1e-9)
+
+
+def test_non_local_means_shape_range_and_fixed_points():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    y = non_local_means(x, 13, 3, 30.0)
+    assert y.shape == x.shape and y.dtype == x.dtype and bool(torch.isfinite(y).all())
+    assert y.min() >= 0 and y.max() <= 1 and not torch.equal(y, x)
+    for c, value in ((3, (0.2, 0.5, 0.7)), (3, (0.37,) * 3), (1, (0.37,))):  # a constant image is unchanged
+        flat = torch.tensor(value).view(1, c, 1, 1).expand(2, c, 16, 16)
+        assert torch.allclose(non_local_means(flat), flat, atol=2e-6)
+    # h → 0: only the centre keeps a weight, so the image comes back (no two patches of x are equal)
+    assert torch.allclose(non_local_means(x, 13, 3, 1e-3), x, atol=2e-6)
+    assert torch.allclose(non_local_means(x[:, :1], 13, 3, 1e-3), x[:, :1], atol=1e-7)
+    smooth = _smooth_image() + 0.02 * torch.randn(1, 3, 24, 24)
+    change = [(non_local_means(smooth.clamp(0, 1), 7, 3, h) - smooth.clamp(0, 1)).abs().mean().item() for h in (50.0, 5.0, 1e-3)]
+    assert change[0] > change[1] > change[2] and change[2] < 1e-6
+
+
+def test_non_local_means_denoises_a_noisy_smooth_image():
+    torch.manual_seed(0)
+    clean = _smooth_image()
+    for c, h in ((3, 5.0), (1, 15.0)):  # colour: h applies on the scaled Lab channels, where a smaller h suits this image
+        noisy = (clean[:, :c] + 10 / 255 * torch.randn_like(clean[:, :c])).clamp(0, 1)
+        before = (noisy - clean[:, :c]).square().mean().item()
+        after = (non_local_means(noisy, 13, 3, h) - clean[:, :c]).square().mean().item()
+        assert after < 0.5 * before
+
+
+def test_non_local_means_batched_equals_one_image_at_a_time_and_is_differentiable():
+    torch.manual_seed(0)
+    for c in (3, 1):
+        x = torch.rand(4, c, 12, 12)
+        batched = non_local_means(x, 7, 3, 40.0)
+        single = torch.cat([non_local_means(x[i:i + 1], 7, 3, 40.0) for i in range(4)])
+        assert torch.allclose(batched, single, atol=1e-6)
+    for c in (3, 2):  # the Lab path and the direct one; inside [0.2, 0.8]: away from the final clamp
+        xg = (0.2 + 0.6 * torch.rand(1, c, 5, 5, dtype=torch.double)).requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: non_local_means(t, 3, 3, 60.0, 40.0), (xg,))
+
+
+def test_nlm_squeezer_specs_are_checked():
+    assert parse_squeezer("nlm:13-3-2") == ("nlm", (13, 3, 2.0))
+    assert parse_squeezer("nlm:11-3-4.5") == ("nlm", (11, 3, 4.5))
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(squeeze(x, "nlm:13-3-2"), non_local_means(x, 13, 3, 2.0))
+    for bad in ("nlm", "nlm:", "nlm:13-3", "nlm:13-3-2-1", "nlm:13-3-x", "nlm:a-b-c", "nlm:13-3--2", "nlm:13-3-2.",
+                "nlm: 13-3-2", "nlm:12-3-2", "nlm:13-4-2", "nlm:0-3-2", "nlm:13-3-0", "nlm:13-3-0.0", "bits:13-3-2"):
+        with pytest.raises(ValueError, match="squeezer"):
+            parse_squeezer(bad)
+    with pytest.raises(ValueError, match="squeezer 'nlm:13-4-2'.*odd"):
+        FeatureSqueezing(["bits:5", "nlm:13-4-2"])
+    with pytest.raises(ValueError, match="larger than 7x7"):
+        squeeze(torch.rand(1, 3, 7, 7), "nlm:13-3-2")
+    for bad_args in ((12, 3, 2.0), (13, 2, 2.0), (13, 3, 0.0), (13, 3, math.inf), (13, 3, 2.0, 0.0), (13, 3, 2.0, math.nan)):
+        with pytest.raises(ValueError, match="non-local means"):
+            non_local_means(x, *bad_args)
+
+
+def test_colour_datasets_use_the_papers_cifar10_squeezers():
+    """Xu et al.: MNIST bits 1 + median 2×2; CIFAR-10 bits 5 + median 2×2 + NLM 13-3-2 (GTSRB: CIFAR-10's)."""
+    assert SQUEEZERS["mnist"] == ("bits:1", "median:2")
+    assert SQUEEZERS["cifar10"] == SQUEEZERS["gtsrb"] == ("bits:5", "median:2", "nlm:13-3-2")
+    fs = FeatureSqueezing(SQUEEZERS["cifar10"], FixedLogits())
+    assert fs.score(torch.rand(3, 3, 32, 32)).shape == (3,)
 
 
 def test_feature_squeezing_score_on_known_input():

@@ -160,12 +160,14 @@ def test_bundle_command_assembles_and_checks_the_detector(data_root, tmp_path, m
     for name in ("classifier.pt", "saec.pt", "contranet.pt"):
         (parts / name).write_bytes((REPO / "artifacts/mnist" / name).read_bytes())
     config = tmp_path / "detector.yaml"
-    config.write_text("calibration_split: val\ncontranet_frr: 0.02\ncalibration_images: 200\nbaseline_frr: 0.05\n")
+    config.write_text("calibration_split: val\ntarget_frr: 0.02\ncalibration_images: 200\n")
     assert main(["bundle", "--dataset", "mnist", "--parts", str(parts), "--check-images", "60", "--config", str(config)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["bundle"] == "artifacts/candidates/mnist/detector.pt" and not (parts / "detector.pt").exists()
-    assert report["contranet_calibration"]["achieved_frr"] <= 0.02
-    assert report["contranet_calibration"]["num_images"] == 200
+    cal = report["contranet_calibration"]
+    assert cal["composite_frr"] <= 0.02 and cal["achieved_frr"] <= 0.02  # SAEC and ContraNet together at 2 %
+    # only the correctly classified calibration images set the threshold
+    assert cal["images"] == 200 and cal["num_images"] == cal["correctly_classified"] == 200 - cal["misclassified"]
     check = report["clean_check"]
     assert check["images"] == 60 and check["accuracy_with_defense"] <= check["accuracy_classifier"]
     detector = mixdefense.load_detector(tmp_path / "artifacts/candidates/mnist/detector.pt")
@@ -181,10 +183,16 @@ def test_operating_point_config_is_checked(tmp_path):
 
     assert operating_point("nowhere")["source"] == "defaults"
     bad = tmp_path / "detector.yaml"
-    bad.write_text("contranet_frr: 1.5\n")
-    with pytest.raises(ValueError, match="contranet_frr"):
+    bad.write_text("target_frr: 1.5\n")
+    with pytest.raises(ValueError, match="target_frr"):
         operating_point("mnist", bad)
-    bad.write_text("contranet_fr: 0.01\n")
+    bad.write_text("report_frrs: [0.01, 2]\n")
+    with pytest.raises(ValueError, match="report_frrs"):
+        operating_point("mnist", bad)
+    bad.write_text("contranet_frr: 0.01\n")  # the old per-layer key: every detector now shares target_frr
     with pytest.raises(ValueError, match="unknown keys"):
         operating_point("mnist", bad)
-    assert operating_point("gtsrb", REPO / "experiments/gtsrb/detector.yaml")["calibration_split"] == "holdout"
+    assert operating_point("gtsrb", REPO / "experiments/gtsrb/detector.yaml")["calibration_split"] == "val"
+    bad.write_text("calibration_split: holdout\n")  # the old last-2,000-test-images hold-out is gone
+    with pytest.raises(ValueError, match="calibration_split"):
+        operating_point("mnist", bad)

@@ -213,10 +213,11 @@ def test_saec_headers_state_their_commands():
 def test_detector_yaml_operating_point(ds):
     path = EXPERIMENTS / ds / "detector.yaml"
     op = yaml.safe_load(path.read_text())
-    assert set(op) == {"calibration_split", "contranet_frr", "calibration_images", "baseline_frr"}, path
-    assert op["calibration_split"] in ("val", "holdout")
-    for key in ("contranet_frr", "baseline_frr"):
-        assert isinstance(op[key], float) and 0.0 < op[key] < 1.0, f"{path}: {key} = {op[key]!r}"
+    assert set(op) == {"calibration_split", "target_frr", "report_frrs", "calibration_images"}, path
+    assert op["calibration_split"] in ("val", "test_calibration")
+    for rate in (op["target_frr"], *op["report_frrs"]):
+        assert isinstance(rate, float) and 0.0 < rate < 1.0, f"{path}: {rate!r}"
+    assert op["target_frr"] in op["report_frrs"], f"{path}: the shipped operating point is one of the reported ones"
     assert isinstance(op["calibration_images"], int) and not isinstance(op["calibration_images"], bool)
     assert op["calibration_images"] > 0
     for line in path.read_text().splitlines():

@@ -16,18 +16,29 @@ from datamodules.base import random_hflip, random_translate
 # (class, train + val, test, channels, size, classes)
 REAL = [
     (MNISTDataModule, 60000, 10000, 1, 28, 10),
-    (CIFAR10DataModule, 50000, 10000, 3, 32, 10),  # the full official test set
+    (CIFAR10DataModule, 50000, 10000, 3, 32, 10),  # the full official test set (../shared/data since 2026-11-30)
     (GTSRBDataModule, 39209, 12630, 3, 32, 43),
 ]
 
 
 @pytest.mark.parametrize("cls,n_train,n_test,channels,size,classes", REAL, ids=lambda v: getattr(v, "name", None))
 def test_real_counts_shapes_and_range(data_root, cls, n_train, n_test, channels, size, classes):
-    dm = cls(data_root=str(data_root), batch_size=64, val_fraction=0.1)
+    dm = cls(data_root=str(data_root), batch_size=64, val_fraction=0.1, test_split="all")
     dm.setup()
     assert len(dm.data_train) + len(dm.data_val) == n_train
     assert len(dm.data_val) == round(n_train * 0.1)
-    assert len(dm.data_test) == n_test
+    assert len(dm.data_test) == n_test and torch.equal(dm.split_indices["test"], torch.arange(n_test))
+    # the protocol's splits (mixdefense.splits) cut the whole test set into disjoint parts
+    parts = {s: cls(data_root=str(data_root), test_split=s) for s in ("test", "selection")}
+    for part in parts.values():
+        part.setup("test")
+    idx = {s: p.split_indices["test"] for s, p in parts.items()}
+    assert len(idx["selection"]) >= cls.protocol_sizes["selection"] and len(idx["test"]) >= n_test // 2
+    assert not set(idx["test"].tolist()) & set(idx["selection"].tolist())
+    assert torch.equal(parts["test"].data_test.images, dm.data_test.images[idx["test"]])
+    groups = dm.test_groups(dm.data_test.images, dm.data_test.labels)
+    if groups is not None:  # GTSRB: whole physical signs, no sign in two splits
+        assert not set(groups[idx["test"]].tolist()) & set(groups[idx["selection"]].tolist())
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (64, channels, size, size) and x.dtype == torch.float32
     assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5  # [0, 1], not normalised

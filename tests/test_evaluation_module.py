@@ -38,27 +38,42 @@ def test_points_and_budget_units():
 
 
 def test_summary_formulas_on_hand_made_rows():
-    """Two layers; 4 AEs at one point: the metrics equal eqs. 7–8 computed by hand."""
+    """Two layers; 4 AEs at one point; a fixed clean set of 3 correctly classified images (+1 misclassified):
+    the metrics equal eqs. 7–8 computed by hand, at the files' thresholds and at explicit cut-offs."""
     points = [{"attack": "fgsm", "norm": "linf", "eps": 0.1, "minimum_norm": False}]
-    #            point success correct norm  adv margins (a, b)  clean margins (a, b)
-    ae = torch.tensor([[0, 1, 0, .1, 2.0, 0.5, 0.1, 0.2],   # caught by a, clean accepted
-                       [0, 1, 0, .1, 0.5, 3.0, 0.1, 0.2],   # caught by b
-                       [0, 1, 0, .1, 0.5, 0.5, 0.1, 1.5],   # missed; its clean original rejected by b
-                       [0, 0, 1, .1, 0.5, 0.5, 0.1, 0.2]])  # failed AE, accepted and correct
-    clean = torch.tensor([[1, 0.1, 0.2], [1, 0.1, 1.5], [0, 0.1, 0.2], [1, 2.0, 0.2]])
+    #            point success correct norm  adv margins (a, b)
+    ae = torch.tensor([[0, 1, 0, .1, 2.0, 0.5],   # caught by a
+                       [0, 1, 0, .1, 0.5, 3.0],   # caught by b
+                       [0, 1, 0, .1, 0.5, 0.5],   # missed
+                       [0, 0, 1, .1, 0.5, 0.5]])  # failed AE, accepted and correct
+    #                     correct, clean margins (a, b)
+    clean = torch.tensor([[1, 0.1, 0.2], [1, 0.1, 1.5], [0, 0.1, 2.5], [1, 2.0, 0.2]])
     out = summarize(ae, clean, points, ["a", "b"], min_successes=3)
     mix = next(r for r in out["points"] if r["defense"] == "mixdefense")
     a = next(r for r in out["points"] if r["defense"] == "a")
-    assert mix["num_successful"] == 3 and mix["kept"] and mix["attack_success_rate"] == 0.75
+    assert mix["num_successful"] == 3 and mix["kept"] and mix["attack_success_rate"] == 0.75 and mix["frr_target"] is None
     assert mix["detection_rate"] == pytest.approx(2 / 3) and a["detection_rate"] == pytest.approx(1 / 3)
-    # eq. 7 on the 3 successful AEs and their 3 originals: TP = 2 clean accepted, TN = 2 AEs rejected
-    assert mix["acc_detector"] == pytest.approx(4 / 6) and mix["clean_rejection_rate"] == pytest.approx(1 / 3)
+    # the clean half is the fixed clean set (the 3 correctly classified images): the composite rejects 2 of them
+    assert mix["clean_rejection_rate"] == pytest.approx(2 / 3) and a["clean_rejection_rate"] == pytest.approx(1 / 3)
+    assert mix["acc_detector"] == pytest.approx((1 / 3 + 2 / 3) / 2) and a["acc_detector"] == pytest.approx((2 / 3 + 1 / 3) / 2)
     # eq. 8 over all 4 AEs: 2 rejected + 1 correctly classified
     assert mix["acc_rc"] == pytest.approx(3 / 4)
     assert mix["caught_by_a"] == pytest.approx(1 / 3) and mix["caught_by_b"] == pytest.approx(1 / 3)
-    c = out["clean"]
-    assert c["accuracy_classifier"] == 0.75 and c["accuracy_with_defense"] == 0.25
-    assert c["false_rejection"] == {"a": 0.25, "b": 0.25, "mixdefense": 0.5}
+    op = out["clean"]["operating_points"]["None"]
+    assert out["clean"]["accuracy_classifier"] == 0.75 and op["mixdefense"]["accuracy"] == 0.25
+    assert {d: op[d]["false_rejection"] for d in ("a", "b", "mixdefense")} == pytest.approx(
+        {"a": 1 / 3, "b": 1 / 3, "mixdefense": 2 / 3})
+    # the misclassified clean image that b rejects is a catch, counted apart
+    assert op["b"]["misclassified_rejected"] == 1 and op["a"]["misclassified_rejected"] == 0
+    assert op["mixdefense"]["misclassified"] == 1 and op["mixdefense"]["misclassified_rejected"] == 1
+
+    # explicit cut-offs: a alone at 3 (rejects nothing), the composite keeps a at 1 and b at 4
+    cuts = {0.05: {"a": torch.tensor([3.0]), "b": torch.tensor([1.0]), "mixdefense": torch.tensor([1.0, 4.0])}}
+    out = summarize(ae, clean, points, ["a", "b"], min_successes=3, cutoffs=cuts)
+    by = {r["defense"]: r for r in out["points"]}
+    assert by["a"]["detection_rate"] == 0 and by["a"]["clean_rejection_rate"] == 0 and by["a"]["frr_target"] == 0.05
+    assert by["mixdefense"]["detection_rate"] == pytest.approx(1 / 3)  # only a's catch (b's 3.0 < 4)
+    assert by["mixdefense"]["clean_rejection_rate"] == pytest.approx(1 / 3)  # only the image a rejects
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +93,11 @@ def _test_args(bundle: Path, out: Path, data_root: Path) -> list[str]:
             "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--model.init_args.bundle={bundle}",
             f"--model.init_args.report_dir={out}", "--model.init_args.min_successes=1",
             f"--model.init_args.attacks={ATTACKS}", f"--data.init_args.data_root={data_root.resolve()}",
+            "--model.init_args.calibration_images=300",
             "--data.init_args.test_subset=40", "--data.init_args.batch_size=10"]
 
 
-def test_evaluation_writes_the_report_and_the_composite_catches_at_least_each_layer(mnist_bundle, tmp_path, data_root,
+def test_evaluation_writes_the_report_at_every_operating_point(mnist_bundle, tmp_path, data_root,
                                                                                       monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(_test_args(mnist_bundle, tmp_path / "report", data_root) + ["--model.init_args.examples=3"]) == 0
@@ -89,18 +105,21 @@ def test_evaluation_writes_the_report_and_the_composite_catches_at_least_each_la
     assert len(list((tmp_path / "report/examples/clean").glob("*.png"))) == 3
     assert "Acc_det" in capsys.readouterr().out
     assert {r["defense"] for r in result["points"]} == {"saec", "contranet", "mixdefense", "undefended"}
-    assert len(result["points"]) == 4 * (2 + 2)  # 4 defenses × (2 FGSM budgets + 2 C&W bins)
-    by = {(r["attack"], r["eps"], r["defense"]): r for r in result["points"]}
+    assert result["operating_points"] == [0.01, 0.05]
+    assert len(result["points"]) == 2 * 4 * (2 + 2)  # 2 operating points × 4 defenses × (2 FGSM budgets + 2 C&W bins)
+    by = {(r["attack"], r["eps"], r["defense"]): r for r in result["points"] if r["frr_target"] == 0.05}
     for (attack, eps, d), r in by.items():
-        if d == "mixdefense" and r["num_successful"]:
-            assert r["detection_rate"] >= max(by[(attack, eps, "saec")]["detection_rate"],
-                                              by[(attack, eps, "contranet")]["detection_rate"])
+        if d == "mixdefense" and r["num_successful"]:  # every caught AE was caught by exactly one first layer
+            assert r["detection_rate"] == pytest.approx(r["caught_by_saec"] + r["caught_by_contranet"])
         assert r["acc_rc"] != r["acc_rc"] or 0 <= r["acc_rc"] <= 1
     assert result["clean"]["images"] == 40 and 0.9 <= result["clean"]["accuracy_classifier"] <= 1
-    for name in ("points.csv", "acc_detector.png", "acc_rc.png", "detection_rate.png"):
+    # the composite keeps SAEC at its deployed threshold and gives ContraNet the rest of the budget
+    assert all(cuts["mixdefense"][0] == 1.0 for cuts in result["calibration"]["cutoffs"].values())
+    assert result["test_images"]["split"] == "test" and result["test_images"]["count"] == 40
+    for name in ("points.csv", "acc_detector_frr1.png", "acc_rc_frr5.png", "detection_rate_frr5.png"):
         assert (tmp_path / "report" / name).is_file()
     assert not (tmp_path / "report/partial").exists()  # a finished run leaves no partial rows
-    undefended = {(r["attack"], r["eps"]): r for r in result["points"] if r["defense"] == "undefended"}
+    undefended = {(r["attack"], r["eps"]): r for r in result["points"] if r["defense"] == "undefended" and r["frr_target"] == 0.01}
     for r in (r for r in undefended.values() if r["num_aes"]):  # never rejects: Acc_RC = 1 − attack success
         assert r["acc_rc"] == pytest.approx(1 - r["attack_success_rate"])
         if r["num_successful"]:
@@ -116,15 +135,45 @@ def test_evaluation_writes_the_report_and_the_composite_catches_at_least_each_la
     assert undefended[("cw", 3.0)]["num_successful"] >= undefended[("cw", 1.0)]["num_successful"] > 0
 
 
-def test_evaluation_refuses_the_bundles_calibration_holdout(mnist_bundle, tmp_path, data_root, monkeypatch):
-    """A bundle calibrated on the last test images may not be evaluated on them."""
+def test_evaluation_refuses_the_bundles_calibration_images(mnist_bundle, tmp_path, data_root, monkeypatch):
+    """A bundle calibrated on some test images may not be evaluated on them."""
     from mixdefense.pipeline import load_detector
 
     monkeypatch.chdir(tmp_path)
     held = save_bundle(load_detector(mnist_bundle), tmp_path / "held.pt",
-                       contranet_calibration={"split": "holdout", "test_indices": [30, 60]})
-    with pytest.raises(ValueError, match="overlap the calibration hold-out"):
-        main(_test_args(held, tmp_path / "report", data_root))  # the first 40 test images reach index 30
+                       contranet_calibration={"split": "test_calibration", "test_indices": [30, 31, 5000]})
+    with pytest.raises(ValueError, match="were calibration images"):
+        main(_test_args(held, tmp_path / "report", data_root))  # the first 40 test images hold 30 and 31
+
+
+def test_the_evaluations_cutoffs_hold_their_rate_and_ignore_misclassified_images(mnist_bundle, data_root):
+    """Cut-offs from correctly classified calibration images: misclassified calibration images move no
+    cut-off, and on fresh clean images of the same distribution (validation images the calibration did not
+    see) no detector rejects more than its rate beyond the 95 % interval, and continuous scores reach it."""
+    from lightning_modules.evaluation import MixDefenseEvaluation
+    from mixdefense.metrics import wilson_interval
+
+    module = MixDefenseEvaluation(bundle=str(mnist_bundle), attacks={"fgsm": {"budgets": [8]}})
+    x_all, y_all = load_images("mnist", "val", 4000, data_root=str(data_root))
+    x, y, xt, yt = x_all[:1500], y_all[:1500], x_all[1500:], y_all[1500:]
+    module.set_cutoffs(x, y)
+    base = {f: {d: c.clone() for d, c in cuts.items()} for f, cuts in module.cutoffs.items()}
+    # 300 extra images labelled wrongly: misclassified by construction, they must not move anything
+    module.set_cutoffs(torch.cat([x, x[:300]]), torch.cat([y, (y[:300] + 1) % 10]))
+    for f in base:
+        for d in base[f]:
+            assert torch.equal(base[f][d], module.cutoffs[f][d]), (f, d)
+    assert module.calibration["misclassified"] >= 300
+    labels, margins = module.detector.layer_table(xt)
+    ok = labels == yt
+    for frr, cuts in module.cutoffs.items():
+        for d, cols in (("saec", [0]), ("contranet", [1]), ("mixdefense", [0, 1])):
+            rejected = (margins.T[ok][:, cols] > cuts[d]).any(1)
+            lo, hi = wilson_interval(int(rejected.sum()), int(ok.sum()))
+            assert lo <= frr, (d, frr, lo, hi)  # never more rejections than the rate, up to sampling noise
+            if d != "saec":  # continuous scores reach the rate; SAEC's noise level is coarse (ties): it may stay below
+                assert frr <= hi, (d, frr, lo, hi)
+
 
 
 def test_baselines_on_the_same_curves(mnist_bundle, tmp_path, data_root, monkeypatch, capsys):
@@ -150,7 +199,7 @@ def test_baselines_on_the_same_curves(mnist_bundle, tmp_path, data_root, monkeyp
     assert main(args) == 0
     result = json.loads((tmp_path / "report/evaluation.json").read_text())
     assert "fs Acc_det" in capsys.readouterr().out
-    by = {(r["eps"], r["defense"]): r for r in result["points"]}
+    by = {(r["eps"], r["defense"]): r for r in result["points"] if r["frr_target"] == 0.01}
     for eps in {r["eps"] for r in result["points"]}:
         assert by[(eps, "same_lenet")]["acc_rc"] == pytest.approx(by[(eps, "undefended")]["acc_rc"])
         assert by[(eps, "same_lenet")]["num_aes"] == by[(eps, "undefended")]["num_aes"]
@@ -158,9 +207,9 @@ def test_baselines_on_the_same_curves(mnist_bundle, tmp_path, data_root, monkeyp
             assert by[(eps, d)]["num_successful"] == by[(eps, "mixdefense")]["num_successful"]  # the same AEs
             assert 0 <= by[(eps, d)]["acc_rc"] <= 1
     base = result["clean"]["baselines"]
-    assert base["same_lenet"]["accuracy"] == pytest.approx(result["clean"]["accuracy_classifier"])
-    assert 0 <= base["fs"]["false_rejection"] <= 0.25  # calibrated at 5 % on validation images; 40 test images
-    for name in ("compare_acc_detector.png", "compare_acc_rc.png", "comparison.md"):
+    assert base["same_lenet"]["accuracy_classifier"] == pytest.approx(result["clean"]["accuracy_classifier"])
+    assert 0 <= result["clean"]["operating_points"]["0.05"]["fs"]["false_rejection"] <= 0.25  # 5 % on 300 val images
+    for name in ("compare_acc_detector_frr1.png", "compare_acc_rc_frr5.png", "comparison.md"):
         assert (tmp_path / "report" / name).is_file()
     assert "same_lenet Acc_det / Acc_RC" in (tmp_path / "report/comparison.md").read_text()
 
@@ -226,22 +275,29 @@ def test_ddp_on_two_cpu_processes_gives_the_same_metrics(mnist_bundle, tmp_path,
 def test_comparison_table_averages_common_budgets_and_leaves_acc_detector_of_non_rejecting_defenses_blank():
     from mixdefense.evaluation.sweep import comparison_table
 
-    def row(defense, eps, kept, det, rc):
+    def row(defense, eps, kept, det, rc, frr=0.01):
         return {"attack": "fgsm", "norm": "linf", "eps": eps, "minimum_norm": False, "defense": defense, "kept": kept,
-                "acc_detector": det, "acc_rc": rc}
+                "acc_detector": det, "acc_rc": rc, "frr_target": frr}
 
-    result = {"baselines": ["fs", "madry"], "robust": ["madry"], "points": [
+    def clean(acc, fr=0.01):
+        return {"accuracy": acc, "false_rejection": fr, "misclassified_rejected": 1, "misclassified": 3}
+
+    result = {"baselines": ["fs", "madry"], "robust": ["madry"], "operating_points": [0.01, 0.05], "points": [
         row("mixdefense", 0.1, True, 0.9, 1.0), row("mixdefense", 0.2, True, 1.0, 1.0), row("mixdefense", 0.01, False, 0.5, 1.0),
         row("fs", 0.1, True, 0.7, 0.8), row("fs", 0.2, True, 0.9, 0.6), row("fs", 0.01, False, 0.5, 1.0),
         row("madry", 0.1, True, 0.5, 0.6), row("madry", 0.2, False, 0.5, 0.2), row("madry", 0.01, True, 0.5, 1.0),
-        row("undefended", 0.1, True, 0.5, 0.0), row("undefended", 0.2, True, 0.5, 0.0), row("undefended", 0.01, False, 0.5, 1.0)],
-        "clean": {"accuracy_with_defense": 0.98, "accuracy_classifier": 0.99,
-                  "baselines": {"fs": {"accuracy": 0.95}, "madry": {"accuracy": 0.97}}}}
-    line = next(ln for ln in comparison_table(result).splitlines() if ln.startswith("| fgsm"))
+        row("undefended", 0.1, True, 0.5, 0.0), row("undefended", 0.2, True, 0.5, 0.0), row("undefended", 0.01, False, 0.5, 1.0),
+        row("fs", 0.1, True, 0.0, 0.0, frr=0.05)],  # another operating point: never mixed in
+        "clean": {"operating_points": {"0.01": {"mixdefense": clean(0.98), "fs": clean(0.95), "madry": clean(0.97, 0.0),
+                                                "undefended": clean(0.99, 0.0)}}}}
+    lines = comparison_table(result, 0.01).splitlines()
+    line = next(ln for ln in lines if ln.startswith("| fgsm"))
     cells = [c.strip() for c in line.strip("|").split("|")][1:]
     # composite and FS over ε 0.1 and 0.2; Madry only where both it and the composite keep the point (0.1)
     assert cells == ["95.0 / 100.0 (n=2)", "80.0 / 70.0 (n=2)", "— / 60.0 (n=1)", "— / 0.0 (n=2)"]
-    assert comparison_table(result).splitlines()[-1].endswith("98.00 % | 95.00 % | 97.00 % | 99.00 % |")
+    assert next(ln for ln in lines if ln.startswith("| clean accuracy")).endswith("98.00 % | 95.00 % | 97.00 % | 99.00 % |")
+    assert next(ln for ln in lines if ln.startswith("| misclassified")).endswith("1 / 3 | 1 / 3 | — | — |")
+    assert "1 % clean false rejection" in lines[0]
 
 
 def test_only_correctly_classified_images_are_attacked_and_every_point_counts_them(mnist_bundle, data_root):
@@ -262,7 +318,7 @@ def test_only_correctly_classified_images_are_attacked_and_every_point_counts_th
     torch.manual_seed(0)
     module._attack_batch(x, y, 1, rows)
     ae = torch.cat(rows["ae"])
-    assert ae.shape[0] == 3 * correct  # 3 points × the correctly classified images, nothing else
+    assert ae.shape[0] == 3 * correct and ae.shape[1] == 4 + 2  # 3 points × the correctly classified images, nothing else
     tiny = ae[ae[:, 0] == 1]  # C&W at L2 ≤ 0.05: no MNIST AE is that small
     assert (tiny[:, 1] == 0).all() and (tiny[:, 2] == 1).all() and (tiny[:, 3] == 0).all()
     large = ae[ae[:, 0] == 2]

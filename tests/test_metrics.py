@@ -78,8 +78,40 @@ def test_every_point_rate_carries_its_interval():
     from mixdefense.evaluation.points import RATES, point_metrics
 
     success = torch.tensor([True, True, False, True])
-    m = point_metrics(success, ~success, torch.ones(4), torch.tensor([True, False, False, True]),
-                      torch.tensor([False, False, False, True]), torch.rand(4), torch.rand(4))
+    clean_rejected = torch.tensor([False, False, False, True, False])  # the fixed clean set: 1 of 5 rejected
+    m = point_metrics(success, ~success, torch.ones(4), torch.tensor([True, False, False, True]), torch.rand(4),
+                      clean_rejected, torch.rand(5))
     for rate in RATES:
         assert m[f"{rate}_ci_low"] <= m[rate] <= m[f"{rate}_ci_high"], rate
-    assert m["detection_rate"] == pytest.approx(2 / 3) and m["acc_detector"] == pytest.approx((3 - 1 + 2) / 6)
+    assert m["detection_rate"] == pytest.approx(2 / 3) and m["clean_rejection_rate"] == pytest.approx(1 / 5)
+    # Acc_detector: the mean of the clean acceptance (4/5) and the detection rate (2/3)
+    assert m["acc_detector"] == pytest.approx((4 / 5 + 2 / 3) / 2) and m["num_clean"] == 5
+
+
+def test_acc_detector_clean_half_is_the_fixed_clean_set():
+    """The clean half does not depend on which AEs succeeded: two points with the same detection rate
+    but different successful originals give the same Acc_detector."""
+    from mixdefense.evaluation.points import point_metrics
+
+    clean_rejected, clean_score = torch.tensor([True] + [False] * 9), torch.rand(10)
+    a = point_metrics(torch.tensor([True, False]), torch.tensor([False, True]), torch.ones(2), torch.tensor([True, False]),
+                      torch.rand(2), clean_rejected, clean_score)
+    b = point_metrics(torch.tensor([False, True]), torch.tensor([True, False]), torch.ones(2), torch.tensor([False, True]),
+                      torch.rand(2), clean_rejected, clean_score)
+    assert a["acc_detector"] == b["acc_detector"] == pytest.approx((0.9 + 1.0) / 2)
+    assert a["clean_rejection_rate"] == b["clean_rejection_rate"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("p1,p2,n", [(0.9, 0.5, 40), (0.99, 0.2, 200), (0.95, 0.95, 100)])
+def test_intervals_cover_on_simulated_binomials(p1, p2, n):
+    """Wilson (one rate) and MOVER (the mean of two, Acc_detector) 95 % intervals cover the truth in
+    ≈ 95 % of simulated experiments (2,000 draws: the coverage estimate's own 99 % band is ±1.3 points)."""
+    from mixdefense.metrics import mean_of_rates_interval, wilson_interval
+
+    g = torch.Generator().manual_seed(0)
+    k1 = torch.binomial(torch.full((2000,), float(n)), torch.full((2000,), p1), generator=g).int().tolist()
+    k2 = torch.binomial(torch.full((2000,), float(n)), torch.full((2000,), p2), generator=g).int().tolist()
+    wilson = sum(lo <= p1 <= hi for lo, hi in (wilson_interval(k, n) for k in k1)) / 2000
+    mover = sum(lo <= (p1 + p2) / 2 <= hi for lo, hi in (mean_of_rates_interval(a, n, b, n) for a, b in zip(k1, k2))) / 2000
+    assert 0.925 <= wilson <= 0.985, wilson
+    assert 0.925 <= mover <= 0.985, mover

@@ -1,42 +1,72 @@
-"""The calibration hold-out (mixdefense.splits): the last test images, never reached by an evaluation."""
+"""The protocol's three disjoint splits (mixdefense.splits): calibration, selection, test."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mixdefense.splits import check_disjoint_from_holdout, holdout_range
+from mixdefense.splits import calibration_test_indices, check_disjoint_from_calibration, protocol_splits
 
 
-def test_holdout_is_the_tail_of_the_test_set():
-    assert holdout_range(12630, 2000) == (10630, 12630)
-    assert holdout_range(10, 5) == (5, 10)
+def _check_partition(splits: dict, n: int) -> None:
+    all_idx = torch.cat(list(splits.values()))
+    assert len(all_idx) == n and torch.equal(all_idx.sort().values, torch.arange(n))  # complete and disjoint
+    for idx in splits.values():
+        assert torch.equal(idx, idx.sort().values)
 
 
-@pytest.mark.parametrize("n", [None, 0, -1, 6])
-def test_holdout_must_leave_half_the_test_set(n):
-    with pytest.raises(ValueError, match="hold-out needs"):
-        holdout_range(10, n)
+def test_without_groups_the_selection_split_is_the_tail_of_the_test_set():
+    s = protocol_splits(10000, {"selection": 2000})
+    _check_partition(s, 10000)
+    assert torch.equal(s["test"], torch.arange(8000)) and torch.equal(s["selection"], torch.arange(8000, 10000))
+    assert len(s["calibration"]) == 0
+    s = protocol_splits(100, {"selection": 20, "calibration": 10})
+    _check_partition(s, 100)
+    assert s["calibration"].tolist() == list(range(70, 80)) and s["test"].tolist() == list(range(70))
 
 
-def test_evaluations_may_not_reach_the_holdout():
-    record = {"split": "holdout", "test_indices": [10630, 12630]}
-    check_disjoint_from_holdout(record, 10630)  # the first 10,630 test images are free
-    with pytest.raises(ValueError, match="overlap the calibration hold-out"):
-        check_disjoint_from_holdout(record, 10631)
-    check_disjoint_from_holdout({"split": "val"}, 10 ** 6)  # validation calibration: no constraint
-    check_disjoint_from_holdout({}, 10 ** 6)  # no recalibration recorded
+def test_with_groups_no_group_spans_two_splits():
+    g = torch.Generator().manual_seed(1)
+    groups = torch.randint(0, 300, (6000,), generator=g)  # ~20 images per group, scattered over the indices
+    s = protocol_splits(6000, {"calibration": 1000, "selection": 1000}, groups, seed=0)
+    _check_partition(s, 6000)
+    owner = {}
+    for name, idx in s.items():
+        for grp in groups[idx].unique().tolist():
+            assert owner.setdefault(grp, name) == name, f"group {grp} in {owner[grp]} and {name}"
+    assert len(s["calibration"]) >= 1000 and len(s["selection"]) >= 1000 and len(s["test"]) >= 3000
+    again = protocol_splits(6000, {"calibration": 1000, "selection": 1000}, groups, seed=0)
+    assert all(torch.equal(again[k], s[k]) for k in s)  # seeded
 
 
-def test_load_images_holdout_returns_the_last_test_images(data_root):
+@pytest.mark.parametrize("sizes", [{"selection": 600}, {"calibration": 300, "selection": 300}, {"test": 5}, {"selection": -1}])
+def test_bad_sizes_are_refused(sizes):
+    with pytest.raises(ValueError):
+        protocol_splits(1000, sizes)
+
+
+def test_evaluations_may_not_reach_the_calibration_images():
+    record = {"split": "test_calibration", "test_indices": [7, 11, 900]}
+    check_disjoint_from_calibration(record, torch.arange(7))  # images 0..6 are free
+    with pytest.raises(ValueError, match="were calibration images"):
+        check_disjoint_from_calibration(record, torch.arange(12))
+    check_disjoint_from_calibration({"split": "val"}, torch.arange(10 ** 4))  # validation calibration: no constraint
+    check_disjoint_from_calibration({}, torch.arange(10 ** 4))  # no recalibration recorded
+    assert calibration_test_indices(record).tolist() == [7, 11, 900]
+    with pytest.raises(ValueError, match="unknown calibration split"):
+        check_disjoint_from_calibration({"split": "holdout", "test_indices": [0, 5]}, torch.arange(3))
+
+
+def test_load_images_gives_the_protocol_splits(data_root):
     from mixdefense.cli import load_calibration_images, load_images
 
-    x_all, y_all = load_images("mnist", "test", None, data_root=str(data_root))
-    x, y = load_images("mnist", "holdout", 7, data_root=str(data_root))
-    assert torch.equal(x, x_all[-7:]) and torch.equal(y, y_all[-7:])
-    n = len(y_all)
-    xc, yc, source = load_calibration_images("mnist", "holdout", 7, data_root=str(data_root))
-    assert torch.equal(xc, x) and torch.equal(yc, y) and source == {"split": "holdout", "test_indices": [n - 7, n]}
+    x_all, y_all = load_images("mnist", "test_all", None, data_root=str(data_root))
+    x, y = load_images("mnist", "test", 7, data_root=str(data_root))
+    assert torch.equal(x, x_all[:7]) and torch.equal(y, y_all[:7])
+    xs, ys = load_images("mnist", "selection", 5, data_root=str(data_root))
+    assert torch.equal(xs, x_all[-2000:-1995])
     assert load_calibration_images("mnist", "val", 7, data_root=str(data_root))[2] == {"split": "val"}
     with pytest.raises(ValueError, match="calibration split"):
         load_calibration_images("mnist", "test", 7)
+    with pytest.raises(ValueError, match="no test-set 'calibration' split"):
+        load_calibration_images("mnist", "test_calibration", 7, data_root=str(data_root))

@@ -18,8 +18,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from mixdefense.splits import holdout_range
-
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -27,16 +25,15 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
                 image_size: int | None = None):
     """``(x float [N, C, H, W] in [0, 1], y int64 [N])`` of a dataset split, via its datamodule.
 
-    See :func:`load_calibration_images` for the same images with a record of where they came from.
+    See :func:`load_calibration_images` for calibration images with a record of where they came from.
 
     ``split="train"`` draws ``n`` images of the whole training set in a seeded random order;
     ``split="val"`` takes the first ``n`` images of the validation split the training
     configs hold out (``val_fraction=0.1``, seed 0: never trained on);
-    ``split="test"`` takes the first ``n`` test images (all when ``n`` is None);
-    ``split="holdout"`` takes the *last* ``n`` test images, a calibration hold-out for data
-    whose validation split is not new to the models (GTSRB's random validation images come
-    from the training sequences); evaluations take the first test images, and
-    :func:`holdout_range` says where the hold-out starts so that they can refuse to overlap it.
+    ``"test"``, ``"selection"`` and ``"test_calibration"`` take the first ``n`` images of the
+    protocol's test, selection and test-set calibration splits (:mod:`mixdefense.splits`; the
+    test split is what results report, the selection split is where choices are made);
+    ``"test_all"`` the first ``n`` of the whole test set.
     ``image_size`` resizes (every datamodule takes it; None keeps the dataset's default size).
     """
     x, y, _ = _load_split(dataset, split, n, seed, data_root, image_size)
@@ -44,14 +41,23 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
 
 
 def load_calibration_images(dataset: str, split: str, n: int, data_root: str | None = None):
-    """``(x, y, source)``: ``n`` clean calibration images of ``split`` (``"val"`` or ``"holdout"``).
+    """``(x, y, source)``: ``n`` clean calibration images of ``split`` (``"val"`` or ``"test_calibration"``).
 
     ``source`` is the record a calibration keeps of them: ``{"split": "val"}`` or
-    ``{"split": "holdout", "test_indices": [start, end]}`` (:mod:`mixdefense.splits`).
+    ``{"split": "test_calibration", "test_indices": [...]}`` (:mod:`mixdefense.splits`).
     """
-    if split not in ("val", "holdout"):
-        raise ValueError(f"calibration split must be 'val' or 'holdout', got {split!r}")
-    return _load_split(dataset, split, n, 0, data_root, None)
+    from datamodules import DATAMODULES
+
+    if dataset not in DATAMODULES:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATAMODULES)}")
+    if split not in CALIBRATION_SPLITS:
+        raise ValueError(f"calibration split must be one of {CALIBRATION_SPLITS}, got {split!r}")
+    return DATAMODULES[dataset](data_root=data_root).calibration_data(split, n)
+
+
+#: the calibration splits :func:`load_calibration_images` knows
+CALIBRATION_SPLITS = ("val", "test_calibration")
+_TEST_SPLITS = {"test": "test", "selection": "selection", "test_calibration": "calibration", "test_all": "all"}
 
 
 def _load_split(dataset: str, split: str, n: int | None, seed: int, data_root: str | None, image_size: int | None):
@@ -63,8 +69,10 @@ def _load_split(dataset: str, split: str, n: int | None, seed: int, data_root: s
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATAMODULES)}")
     if n is not None and n < 1:
         raise ValueError(f"n must be None (all images) or >= 1, got {n}")
+    if split not in ("train", "val", *_TEST_SPLITS):
+        raise ValueError(f"split must be one of {('train', 'val', *_TEST_SPLITS)}, got {split!r}")
     dm = DATAMODULES[dataset](data_root=data_root, val_fraction=0.1 if split == "val" else 0.0,
-                              **({"image_size": image_size} if image_size else {}))
+                              test_split=_TEST_SPLITS.get(split, "test"), **({"image_size": image_size} if image_size else {}))
     if split == "val":
         dm.setup("fit")
         images, labels = dm.data_val.images[:n], dm.data_val.labels[:n]
@@ -73,16 +81,9 @@ def _load_split(dataset: str, split: str, n: int | None, seed: int, data_root: s
         images, labels = dm.data_train.images, dm.data_train.labels
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:n]
         images, labels = images[order], labels[order]
-    elif split == "test":
+    else:
         dm.setup("test")
         images, labels = dm.data_test.images[:n], dm.data_test.labels[:n]
-    elif split == "holdout":
-        dm.setup("test")
-        start, end = holdout_range(len(dm.data_test.labels), n)
-        images, labels = dm.data_test.images[start:end], dm.data_test.labels[start:end]
-        return images.float() / 255, labels, {"split": split, "test_indices": [start, end]}
-    else:
-        raise ValueError(f"split must be 'train', 'val', 'test' or 'holdout', got {split!r}")
     return images.float() / 255, labels, {"split": split}
 
 

@@ -36,6 +36,20 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mean_of_rates_interval(k1: int, n1: int, k2: int, n2: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % interval of ``(k1/n1 + k2/n2) / 2``, the mean of two independent rates (Acc_detector with a
+    fixed clean half): Newcombe–Zou's MOVER from the two Wilson intervals; ``(nan, nan)`` if a rate is empty.
+
+    ``low = p − ½·√((p₁ − l₁)² + (p₂ − l₂)²)``, ``high = p + ½·√((u₁ − p₁)² + (u₂ − p₂)²)``.
+    """
+    if n1 == 0 or n2 == 0:
+        return math.nan, math.nan
+    (l1, u1), (l2, u2) = wilson_interval(k1, n1, z), wilson_interval(k2, n2, z)
+    p1, p2 = k1 / n1, k2 / n2
+    p = (p1 + p2) / 2
+    return (max(0.0, p - 0.5 * math.hypot(p1 - l1, p2 - l2)), min(1.0, p + 0.5 * math.hypot(u1 - p1, u2 - p2)))
+
+
 def acc_detector(clean_rejected: torch.Tensor, adv_rejected: torch.Tensor) -> float:
     """Eq. 7: ``(TP + TN) / (TP + TN + FP + FN)`` on clean images and successful AEs.
 

@@ -1,33 +1,95 @@
-"""The calibration hold-out: the last test images, kept apart from the evaluated ones.
+"""The protocol's three disjoint splits of the evaluation data: calibration, selection, test.
 
-Thresholds are set on clean images the models never trained on.  The validation split
-serves where it is new to the models; GTSRB's is not quite: it is drawn at random from
-training sequences that hold ~30 frames of each physical sign, so its images have near
-twins in the training set and score as better reconstructed than new signs do (a threshold
-set there rejects more test images than its target).  The hold-out is the *last* ``n`` test
-images; every evaluation takes the *first* test images, and refuses to reach the hold-out.
+* **calibration** — clean images the thresholds are set on.  For MNIST and CIFAR-10 it is the
+  validation split held out of training (``val``); for GTSRB, whose validation images come from
+  the training sequences (~30 frames of each physical sign, so near twins of training images),
+  it is a part of the *test* set (``test_calibration``).
+* **selection** — every choice between variants, settings and operating points is made here.
+* **test** — reported once, at the end.
+
+The test set is cut by :func:`protocol_splits`.  Without groups the cut is contiguous: the
+selection split (and a test-set calibration split) are the *last* test images, so "the first
+``n`` test images" of the test split are the first ``n`` of the whole test set.  With groups
+(GTSRB: one group per physical sign, :func:`mixdefense.grouping.near_duplicate_groups`) whole
+groups go to one split each, in a seeded order, so no sign spans two splits.
+
+Sizes per dataset are the datamodules' ``protocol_sizes`` (e.g. ``{"selection": 2000}``); the
+test split takes the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 
-def holdout_range(num_test: int, n: int | None) -> tuple[int, int]:
-    """``(start, end)`` test indices of the calibration hold-out: the last ``n`` of ``num_test``.
+import torch
 
-    The hold-out must leave at least half of the test set in front of it for the evaluations.
+#: the splits of the test set, in the order they are taken from its end (no groups) or from the group order
+TEST_SPLITS = ("calibration", "selection", "test")
+
+
+def protocol_splits(num_test: int, sizes: dict[str, int], groups: torch.Tensor | None = None,
+                    seed: int = 0, strata: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Disjoint, complete, sorted index sets ``{split: LongTensor}`` of a test set of ``num_test`` images.
+
+    ``sizes`` gives the size of ``"selection"`` and optionally ``"calibration"`` (``"test"`` takes the
+    rest and must keep at least half of the images).  ``groups [num_test]``: images of one group go
+    to the same split (sizes are then reached or exceeded by less than one group); ``strata [num_test]``
+    (e.g. the labels, constant within a group) spread each stratum's groups over the splits
+    (:func:`mixdefense.grouping.group_split`).
     """
-    if n is None or not 1 <= n <= num_test // 2:
-        raise ValueError(f"a calibration hold-out needs 1 <= n <= half of the {num_test} test images, got {n}")
-    return num_test - n, num_test
+    unknown = set(sizes) - {"calibration", "selection"}
+    if unknown:
+        raise ValueError(f"protocol split sizes: unknown splits {sorted(unknown)} (calibration, selection; test takes the rest)")
+    if any(not isinstance(v, int) or v < 0 for v in sizes.values()):
+        raise ValueError(f"protocol split sizes must be non-negative integers, got {sizes}")
+    taken = sum(sizes.values())
+    if num_test - taken < num_test / 2:
+        raise ValueError(f"the calibration and selection splits ({taken} images) must leave at least half "
+                         f"of the {num_test} test images to the test split")
+    if groups is None:
+        out, end = {}, num_test
+        for split in ("selection", "calibration"):
+            n = sizes.get(split, 0)
+            out[split] = torch.arange(end - n, end)
+            end -= n
+        out["test"] = torch.arange(0, end)
+    else:
+        from mixdefense.grouping import group_split
+
+        if groups.shape != (num_test,):
+            raise ValueError(f"groups must be [{num_test}], got {tuple(groups.shape)}")
+        wanted = {s: sizes[s] for s in ("calibration", "selection") if sizes.get(s)}
+        out = {k: v.sort().values for k, v in group_split(groups, {**wanted, "test": None}, seed, strata=strata).items()}
+        if len(out["test"]) < num_test / 2:
+            raise ValueError(f"the groups leave only {len(out['test'])} of {num_test} images to the test split")
+    out.setdefault("calibration", torch.empty(0, dtype=torch.long))
+    return {s: out[s].long() for s in TEST_SPLITS}
 
 
-def check_disjoint_from_holdout(record: dict, num_evaluated: int) -> None:
-    """Raise ``ValueError`` if the first ``num_evaluated`` test images reach a calibration hold-out.
+def indices_digest(indices: torch.Tensor) -> str:
+    """sha256 of a sorted index set (how records name a split without listing it)."""
+    return hashlib.sha256(indices.long().sort().values.numpy().tobytes()).hexdigest()
 
-    ``record`` is a calibration record: ``{"split": "val"}`` or
-    ``{"split": "holdout", "test_indices": [start, end]}`` (anything else passes).
+
+def calibration_test_indices(record: dict) -> torch.Tensor:
+    """The test-set indices a calibration record took (empty for a validation-split calibration).
+
+    Records: ``{"split": "val"}``; ``{"split": "test_calibration", "test_indices": [i, ...]}``;
+    anything without a split (no recalibration) takes none.
     """
-    if record.get("split") == "holdout" and num_evaluated > record["test_indices"][0]:
-        start, end = record["test_indices"]
-        raise ValueError(f"the first {num_evaluated} test images overlap the calibration hold-out "
-                         f"(test images {start}..{end - 1}); evaluate at most {start}")
+    if record.get("split") == "test_calibration":
+        return torch.as_tensor(record["test_indices"], dtype=torch.long)
+    if record.get("split") not in (None, "val"):
+        raise ValueError(f"unknown calibration split {record.get('split')!r} in the record (recalibrate: "
+                         "`mixdefense bundle --dataset ...`)")
+    return torch.empty(0, dtype=torch.long)
+
+
+def check_disjoint_from_calibration(record: dict, evaluated: torch.Tensor) -> None:
+    """Raise ``ValueError`` if any evaluated test index (``[N]``) was a calibration image of ``record``."""
+    taken = calibration_test_indices(record)
+    if len(taken) and len(evaluated):
+        both = torch.isin(evaluated.long(), taken)
+        if both.any():
+            raise ValueError(f"{int(both.sum())} evaluated test images were calibration images of the detector "
+                             f"(e.g. test image {int(evaluated[both][0])}); evaluate the protocol's test split")

@@ -47,12 +47,12 @@ from mixdefense.attacks.adaptive import (
     reconstruction_distance,
     support_mask,
 )
+from mixdefense.calibration import calibration_record
 from mixdefense.commands import Data, operating_point
 from mixdefense.evaluation.curves import correctly_classified
 from mixdefense.evaluation.plots import case_study_grid
 from mixdefense.evaluation.reconstruction import resize_for
 from mixdefense.io import atomic_write_text
-from mixdefense.splits import check_disjoint_from_holdout
 
 LoadImages = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -89,8 +89,9 @@ def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
                     choices=["pgd", "adaptive", "orthogonal", "selective"])
     ap.add_argument("--contranet-frr", type=float, default=0.05, help="ContraNet's clean false-rejection rate (recalibrated if needed)")
     ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for the recalibration")
-    ap.add_argument("--calibration-split", choices=("val", "holdout"), default=None,
-                    help="the recalibration's images (default: the operating point's, experiments/<ds>/detector.yaml): the validation split or the last test images (mixdefense.splits)")
+    ap.add_argument("--calibration-split", choices=("val", "test_calibration"), default=None,
+                    help="the recalibration's images (default: the operating point's, experiments/<ds>/detector.yaml): "
+                         "the validation split or the test set's calibration split (mixdefense.splits)")
     ap.add_argument("--case-images", type=int, default=100, help="images of the §6 case studies (numbers); 6 go in the grids")
     ap.add_argument("--case-steps", type=int, default=20, help="steps of the case studies' PGD variants (beside the paper's FGSM)")
     ap.add_argument("--seed", type=int, default=0)
@@ -142,17 +143,19 @@ def contranet_layer(detector):
 
 
 def ensure_frr(detector, dataset: str, frr: float, n: int, load_calibration: Callable, split: str = "val") -> dict:
-    """Recalibrate ContraNet at ``frr`` on ``n`` images of ``split`` unless it already is at ``frr``
-    (a hold-out is always recalibrated on); returns its calibration record with its source.
+    """Recalibrate ContraNet at ``frr`` on the correctly classified images among ``n`` of ``split``
+    unless it already is at ``frr`` (a test-set calibration split is always recalibrated on);
+    returns its calibration record with its source.
 
     ``load_calibration(dataset, split, n) -> (x, y, source)`` (``mixdefense.cli.load_calibration_images``).
     """
     cn = contranet_layer(detector)
     cal = cn.calibration
     if cal is None or abs(cal.target_frr - frr) > 1e-9 or split != "val":
-        x_cal, _, source = load_calibration(dataset, split, n)
-        cal = cn.calibrate(x_cal, detector.classifier.predict(x_cal), frr)
-        return {**cal.as_dict(), **source}
+        x_cal, y_cal, source = load_calibration(dataset, split, n)
+        pred = detector.classifier.predict(x_cal)
+        cal = cn.calibrate(x_cal[pred == y_cal], y_cal[pred == y_cal], frr)
+        return {**cal.as_dict(), **source, **calibration_record(y_cal, pred)}
     return cal.as_dict()
 
 
@@ -334,8 +337,7 @@ def main(argv: list[str], data: Data) -> int:
     detector, source = load_pipeline(args.dataset, args.bundle)
     cal = ensure_frr(detector, args.dataset, args.contranet_frr, args.calibration_images, load_calibration,
                      args.calibration_split)
-    num_test = max(2 * args.num_images, args.num_images + 200)
-    check_disjoint_from_holdout(cal, num_test)
+    num_test = max(2 * args.num_images, args.num_images + 200)  # the protocol's test split: never calibration images
     x_all, y_all = load_images(args.dataset, "test", num_test)
     x, y = correctly_classified(detector.classifier, x_all, y_all, args.num_images)
     if len(y) < args.num_images:

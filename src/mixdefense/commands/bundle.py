@@ -2,9 +2,10 @@
 
 The parts are ``classifier.pt``, ``saec.pt`` and ``contranet.pt`` in ``--parts`` (default
 ``artifacts/<ds>``).  ContraNet's threshold is set at the dataset's operating point
-(``experiments/<ds>/detector.yaml``: ``contranet_frr`` clean false rejection on
-``calibration_images`` clean images of ``calibration_split``, with the labels the classifier
-predicts for them); ``--keep-thresholds`` keeps ``contranet.pt``'s own.  The bundle records the
+(``experiments/<ds>/detector.yaml``): the composite (SAEC's noise-calibrated threshold and
+ContraNet's together) rejects ``target_frr`` of the *correctly classified* images among the first
+``calibration_images`` of ``calibration_split`` (:func:`mixdefense.calibration.calibrate_composite`);
+``--keep-thresholds`` keeps ``contranet.pt``'s own.  The bundle records the
 sha256 of every part, the operating point and the command, so it can be rebuilt from the parts
 beside it and checked against them (:func:`check_parts`).
 
@@ -41,7 +42,7 @@ def build(dataset: str, data: Data, parts: Path, out: Path, keep_thresholds: boo
     from mixdefense.classifiers import load_classifier
     from mixdefense.layers import SAEC, ContraNet
     from mixdefense.pipeline import MixDefense, load_detector, save_bundle
-    from mixdefense.splits import check_disjoint_from_holdout
+    from mixdefense.calibration import calibrate_composite
 
     missing = [n for n in PARTS if not (parts / n).is_file()]
     if missing:
@@ -49,15 +50,13 @@ def build(dataset: str, data: Data, parts: Path, out: Path, keep_thresholds: boo
     classifier, contranet = load_classifier(parts / "classifier.pt"), ContraNet.load(parts / "contranet.pt")
     record: dict = {"dataset": dataset, "parts": str(parts), "part_sha256": {n: sha256_file(parts / n) for n in PARTS},
                     "command": command}
+    detector = MixDefense(classifier, [SAEC.load(parts / "saec.pt"), contranet])
     if not keep_thresholds:
         op = operating_point(dataset, config)
-        x_cal, _, source = data.load_calibration(dataset, op["calibration_split"], op["calibration_images"])
+        x_cal, y_cal, source = data.load_calibration(dataset, op["calibration_split"], op["calibration_images"])
         record["operating_point"] = op
-        record["contranet_calibration"] = {
-            **contranet.calibrate(x_cal, classifier.predict(x_cal), op["contranet_frr"]).as_dict(), **source}
-    detector = MixDefense(classifier, [SAEC.load(parts / "saec.pt"), contranet])
-    if check_images:
-        check_disjoint_from_holdout(record.get("contranet_calibration", {}), check_images)
+        record["contranet_calibration"] = {**calibrate_composite(detector, x_cal, y_cal, op["target_frr"]), **source}
+    if check_images:  # the first images of the protocol's test split: never calibration images
         x, y = data.load_images(dataset, "test", check_images)
         verdict = load_detector(save_bundle(detector, out, **record)).detect(x)
         plain = detector.classifier(x).argmax(1) == y

@@ -4,8 +4,9 @@ Steps (paper §4 and §5):
 
 1. load the exported cGAN (``artifacts/<ds>/cgan.pt``), the metric model M
    (``artifacts/<ds>/metric.pt``) and the classifier;
-2. **calibrate** on clean images of the dataset's calibration split (``experiments/<ds>/detector.yaml``:
-   the validation split the training configs hold out, or GTSRB's test hold-out), with the labels the classifier predicts for them, at ``--target-frr`` (default 5 %)
+2. **calibrate** on the *correctly classified* clean images of the dataset's calibration split
+   (``experiments/<ds>/detector.yaml``: the validation split the training configs hold out, or GTSRB's
+   sign-grouped test calibration split, :mod:`mixdefense.splits`) at ``--target-frr`` (default 5 %)
    clean false rejection — for each score variant: ``metric`` (M, the paper's),
    ``l2`` and ``ssim`` (rule-based distances instead of M) and ``metric+ssim`` (the OR of
    both at a *combined* 5 %, as the authors' follow-up code does);
@@ -44,7 +45,7 @@ from mixdefense.io import atomic_write_text
 from mixdefense.layers.contranet import ContraNet, predicted_labels
 from mixdefense.metrics import detection_auroc
 from mixdefense.nets import load_cgan, load_metric
-from mixdefense.splits import check_disjoint_from_holdout
+from mixdefense.calibration import calibration_record
 from mixdefense.triplets import sample_confusable_labels, sample_wrong_labels
 
 LoadImages = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -67,10 +68,9 @@ def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
     ap.add_argument("--bundle", help="where to save the calibrated detector (default artifacts/candidates/<dataset>/contranet.pt)")
     ap.add_argument("--target-frr", type=float, default=0.05, help="clean false-rejection rate of the thresholds")
     ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for the thresholds")
-    ap.add_argument("--calibration-split", choices=("val", "holdout"), default=None,
+    ap.add_argument("--calibration-split", choices=("val", "test_calibration"), default=None,
                     help="the thresholds' images (default: the operating point's, experiments/<ds>/detector.yaml): "
-                         "the validation split, or the last test images "
-                         "(a hold-out the evaluated first --num-images never reach; mixdefense.splits)")
+                         "the validation split, or the test set's sign-grouped calibration split (mixdefense.splits)")
     ap.add_argument("--num-images", type=int, default=1000, help="test images for the label AUROC and the attacks")
     ap.add_argument("--wrong-labels", type=int, default=3, help="random wrong labels per test image (label AUROC)")
     ap.add_argument("--eps", type=float, nargs="+", default=[2, 4, 8],
@@ -185,7 +185,8 @@ def _fmt(v: float, pct: bool = True) -> str:
 
 def markdown_table(result: dict) -> str:
     names = list(VARIANTS)
-    source = "hold-out test" if result.get("calibration_source", {}).get("split") == "holdout" else "validation"
+    source = ("correctly classified test-calibration" if result.get("calibration_source", {}).get("split") == "test_calibration"
+              else "correctly classified validation")
     lines = [(f"# ContraNet on {result['dataset']}: {result['num_images']} test images, thresholds at "
               f"{100 * result['target_frr']:.0f} % clean false rejection ({result['calibration_images']} {source} images)"), "",
              "Label AUROC (score with the true label vs with wrong labels):", "",
@@ -225,9 +226,10 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages, load_calibration
     out = Path(args.out or f"results/{ds}/contranet")
     t0 = time.perf_counter()
 
-    x_cal, _, source = load_calibration(ds, split, args.calibration_images)
-    check_disjoint_from_holdout(source, args.num_images)
-    y_cal = predict(classifier, x_cal)
+    x_all, y_all, source = load_calibration(ds, split, args.calibration_images)
+    pred = predict(classifier, x_all)
+    source = {**source, **calibration_record(y_all, pred)}
+    x_cal, y_cal = x_all[pred == y_all], pred[pred == y_all]  # the correctly classified images set the thresholds
     full, variants = build_variants(cgan, metric, x_cal, y_cal, args.target_frr, args.batch_size)
     bundle = Path(args.bundle or f"artifacts/candidates/{ds}/contranet.pt")
     variants["metric"].save(bundle, dataset=ds)

@@ -1,8 +1,9 @@
 """Budget sweeps of one detector (SAEC, ContraNet variants): AEs per budget, metrics per point.
 
 The protocol (paper §5.1–5.2): AEs are made from test images the classifier gets right;
-for each (attack, ε) the *successful* AEs (classified wrongly) are paired with their clean
-originals, half and half, for ``Acc_detector`` (eq. 7); ``Acc_RC`` (eq. 8) counts all AEs.
+for each (attack, ε) the detection rate of the *successful* AEs (classified wrongly) and the
+clean rejection of the fixed clean set — all the correctly classified images attacked, the
+same at every ε — make ``Acc_detector`` (eq. 7, half and half); ``Acc_RC`` (eq. 8) counts all AEs.
 A point with fewer than ``min_successes`` successful AEs is marked sparse (``kept`` False; the
 paper dropped them below 100); its rates still carry their 95 % intervals.
 
@@ -52,16 +53,16 @@ class PointResult:
     eps: float
     num_aes: int
     num_successful: int
+    num_clean: int  # the fixed clean set: the correctly classified images that were attacked
     attack_success_rate: float
     kept: bool  # False when num_successful < min_successes (the paper's rule)
     detection_rate: float = float("nan")  # rejected successful AEs / successful AEs
-    clean_rejection_rate: float = float("nan")  # on the clean originals of the successful AEs
+    clean_rejection_rate: float = float("nan")  # on the fixed clean set (the same at every ε)
     acc_detector: float = float("nan")
     acc_rc: float = float("nan")
     auroc: float = float("nan")
-    tpr_at_5fpr: float = float("nan")
     mean_norm: float = float("nan")  # measured perturbation of the successful AEs
-    # 95 % Wilson intervals of the rates (mixdefense.evaluation.points)
+    # 95 % intervals of the rates (mixdefense.evaluation.points)
     attack_success_rate_ci_low: float = float("nan")
     attack_success_rate_ci_high: float = float("nan")
     detection_rate_ci_low: float = float("nan")
@@ -87,8 +88,8 @@ def point_metrics(
     success = pred_adv != y
     adv_rej, adv_score = detector(x_adv)
     clean_rej, clean_score = clean_verdict if clean_verdict is not None else detector(x)
-    m = points.point_metrics(success, pred_adv == y, perturbation_norm(x_adv, x, norm), adv_rej, clean_rej,
-                             adv_score, clean_score)
+    m = points.point_metrics(success, pred_adv == y, perturbation_norm(x_adv, x, norm), adv_rej, adv_score,
+                             clean_rej, clean_score)
     return PointResult(attack, norm, float(eps), kept=m["num_successful"] >= min_successes, **m)
 
 

@@ -200,21 +200,26 @@ class ContraNet(DetectorLayer):
 
     # -- calibration --------------------------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, x: torch.Tensor, y: torch.Tensor, target_frr: float = 0.05, batch_size: int = 250) -> Calibration:
-        """Set the thresholds from clean images ``x`` with labels ``y`` (use the predicted ones).
+    def calibrate(self, x: torch.Tensor, y: torch.Tensor, target_frr: float = 0.05, batch_size: int = 250,
+                  rejected: torch.Tensor | None = None) -> Calibration:
+        """Set the thresholds from clean images ``x`` with labels ``y`` (use the predicted ones; the
+        protocol passes only correctly classified images, :func:`mixdefense.calibration.calibrate_composite`).
 
         The combined detector rejects at most ``target_frr`` of ``x``; see the module docstring.
+        ``rejected [N]``: images an earlier layer already rejects (they count against the budget).
         """
         self.check_input(x, y)
-        return self.calibrate_from_table(self.score_table(x, y, batch_size), target_frr)
+        return self.calibrate_from_table(self.score_table(x, y, batch_size), target_frr, rejected)
 
-    def calibrate_from_table(self, parts: dict[str, torch.Tensor], target_frr: float = 0.05) -> Calibration:
-        """Set the thresholds from precomputed clean scores ``{name: [N]}`` (every configured score)."""
+    def calibrate_from_table(self, parts: dict[str, torch.Tensor], target_frr: float = 0.05,
+                             rejected: torch.Tensor | None = None) -> Calibration:
+        """Set the thresholds from precomputed clean scores ``{name: [N]}`` (every configured score);
+        ``rejected [N]`` as in :meth:`calibrate`."""
         missing = [s for s in self.scores if s not in parts]
         if missing:
             raise ValueError(f"calibration scores missing: {missing}")
         table = torch.stack([parts[s].detach().cpu() for s in self.scores], 1)
-        thresholds, q = or_calibrate(table, target_frr)
+        thresholds, q = or_calibrate(table, target_frr, rejected=rejected)
         self.thresholds.copy_(thresholds.to(self.thresholds.device))
         per = (table > thresholds).double().mean(0)
         self.calibration = Calibration(list(self.scores), thresholds.tolist(), target_frr,
