@@ -35,7 +35,7 @@ endif
 # The operating point (where calibration images come from, ContraNet's and the baselines' clean false-rejection
 # rates) is experiments/$(DATASET)/detector.yaml, which the tools read by themselves.
 ifneq ($(filter command line,$(origin CALIBRATION_SPLIT) $(origin CONTRANET_FRR)),)
-  $(error CALIBRATION_SPLIT / CONTRANET_FRR are gone: the operating point is experiments/$(DATASET)/detector.yaml (edit it, or ARGS="--config <file>" for bundle/calibrate/baselines, ARGS="--calibration-split val|holdout" for one run))
+  $(error CALIBRATION_SPLIT / CONTRANET_FRR are gone: the operating point is experiments/$(DATASET)/detector.yaml (edit it, or ARGS="--config <file>" for bundle/calibrate/baselines, ARGS="--calibration-split val|test_calibration" for one run))
 endif
 
 # Inputs of the evaluations of single parts (shipped by default; train-cgan / train-metric pass their candidate).
@@ -73,7 +73,7 @@ help:
 	@echo "make saec DATASET=ds               calibrate SAEC on uniform noise (-> artifacts/candidates/ds/saec.pt), then evaluate it against attacks"
 	@echo "make train-madry DATASET=ds        baseline: Madry PGD adversarial training of the classifier (PROFILE=cpu|paper)"
 	@echo "make train-magnet DATASET=ds       baseline: MagNet's autoencoder, then the baseline detectors calibrated with it"
-	@echo "make baselines DATASET=ds          calibrate Feature Squeezing and MagNet (experiments/ds/detector.yaml: baseline_frr)"
+	@echo "make baselines DATASET=ds          calibrate Feature Squeezing and MagNet (experiments/ds/detector.yaml: target_frr)"
 	@echo "                                   -> artifacts/candidates/ds/"
 	@echo "make compare DATASET=ds            MixDefense, Feature Squeezing, MagNet, Madry, undefended on the same curves"
 	@echo "make adaptive DATASET=ds           adaptive white-box attacks (PGD, full adaptive, Orthogonal PGD) + paper §6 case studies"
@@ -186,7 +186,7 @@ train-magnet: $(STAMP) data
 	$(MAKE) baselines DATASET=$(DATASET) ARGS="--parts $(MAGNET_PARTS)"
 
 # Feature Squeezing and MagNet from artifacts/$(DATASET)/{classifier,magnet_ae}.pt (ARGS="--parts <folder>": others),
-# thresholds at detector.yaml's baseline_frr -> the candidates artifacts/candidates/$(DATASET)/{feature_squeezing,magnet}.pt.
+# thresholds at detector.yaml's target_frr (correctly classified calibration images) -> the candidates artifacts/candidates/$(DATASET)/{feature_squeezing,magnet}.pt.
 baselines: $(STAMP) data
 	$(MD) baselines calibrate --dataset $(DATASET) --out-parts $(CANDIDATES) $(ARGS)
 

@@ -109,8 +109,8 @@ class ImageDataModule(pl.LightningDataModule):
         train_subset / test_subset: keep only the first N images of a split (quick runs, tests).
         test_split: which part of the test set ``data_test`` holds (:mod:`mixdefense.splits`):
             ``"test"`` (default: the protocol's test split, reported once), ``"selection"`` (every
-            choice between variants and settings), ``"calibration"`` (datasets that calibrate on
-            test images: GTSRB) or ``"all"`` (the whole test set).  ``split_indices["test"]`` records
+            choice between variants and settings), ``"calibration"`` (for a datamodule whose
+            ``protocol_sizes`` holds a test-set calibration split; none of the shipped ones) or ``"all"`` (the whole test set).  ``split_indices["test"]`` records
             which test images they are.
         image_size: side length ``H = W`` of the images, in pixels; ``None`` keeps the dataset's
             :attr:`default_image_size` (its native size for MNIST and CIFAR-10), another value

@@ -2,8 +2,8 @@
 
 Loads the standard python-pickle layout (``cifar-10-batches-py/data_batch_1..5``,
 ``test_batch``) directly, *without* the official MD5 checksums: a lossless re-encoding of
-the data (such as the copy on this project's machines, whose test batch holds the first
-1,000 official test images) loads as well as the original archive.
+the data (such as the copy on this project's machines, all 10,000 test images since
+2026-11-30) loads as well as the original archive.
 """
 
 from __future__ import annotations

@@ -218,6 +218,9 @@ def test_detector_yaml_operating_point(ds):
     for rate in (op["target_frr"], *op["report_frrs"]):
         assert isinstance(rate, float) and 0.0 < rate < 1.0, f"{path}: {rate!r}"
     assert op["target_frr"] in op["report_frrs"], f"{path}: the shipped operating point is one of the reported ones"
+    # the sweep reports at the operating point's rates
+    sweep = yaml.safe_load((EXPERIMENTS / ds / "evaluate.yaml").read_text())["model"]["init_args"]
+    assert sweep["frrs"] == op["report_frrs"], f"{ds}: evaluate.yaml frrs differ from detector.yaml report_frrs"
     assert isinstance(op["calibration_images"], int) and not isinstance(op["calibration_images"], bool)
     assert op["calibration_images"] > 0
     for line in path.read_text().splitlines():

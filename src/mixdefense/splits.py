@@ -1,9 +1,10 @@
 """The protocol's three disjoint splits of the evaluation data: calibration, selection, test.
 
-* **calibration** — clean images the thresholds are set on.  For MNIST and CIFAR-10 it is the
-  validation split held out of training (``val``); for GTSRB, whose validation images come from
-  the training sequences (~30 frames of each physical sign, so near twins of training images),
-  it is a part of the *test* set (``test_calibration``).
+* **calibration** — clean images the thresholds are set on: the validation split held out of
+  training (``val``) for every shipped dataset.  A datamodule may take it from the test set
+  instead (``protocol_sizes`` with a ``"calibration"`` size; ``calibration_split:
+  test_calibration``); GTSRB does not, because whole physical signs make class-skewed splits
+  (``datamodules/gtsrb.py``).
 * **selection** — every choice between variants, settings and operating points is made here.
 * **test** — reported once, at the end.
 

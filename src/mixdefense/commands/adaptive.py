@@ -14,8 +14,8 @@ Success rates (over all attacked images): against the classifier alone (``f(x_ad
 against each layer alone (``= t`` and that layer accepts), and against the whole MixDefense
 (``= t`` and every layer accepts), always decided by the *real* layers.  ContraNet runs at
 ``--contranet-frr`` clean false rejection (default 5 %, Bryniarski et al.'s operating point;
-recalibrated on ``--calibration-split`` images — the validation split, or the test hold-out of
-:mod:`mixdefense.splits` — when the loaded detector uses another rate or a hold-out is asked).
+recalibrated on the correctly classified ``--calibration-split`` images — the validation split, or a
+test-set calibration split of :mod:`mixdefense.splits` — when the loaded detector uses another rate).
 
 Then the paper's §6 case studies: (a) targeted FGSM on the cGAN's input (Figure 12) and
 (b) FGSM / PGD on the latent ``z`` (Figure 13), with grids and numbers.

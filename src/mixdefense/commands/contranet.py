@@ -5,8 +5,8 @@ Steps (paper §4 and §5):
 1. load the exported cGAN (``artifacts/<ds>/cgan.pt``), the metric model M
    (``artifacts/<ds>/metric.pt``) and the classifier;
 2. **calibrate** on the *correctly classified* clean images of the dataset's calibration split
-   (``experiments/<ds>/detector.yaml``: the validation split the training configs hold out, or GTSRB's
-   sign-grouped test calibration split, :mod:`mixdefense.splits`) at ``--target-frr`` (default 5 %)
+   (``experiments/<ds>/detector.yaml``: the validation split the training configs hold out, or a
+   test-set calibration split, :mod:`mixdefense.splits`) at ``--target-frr`` (default 5 %)
    clean false rejection — for each score variant: ``metric`` (M, the paper's),
    ``l2`` and ``ssim`` (rule-based distances instead of M) and ``metric+ssim`` (the OR of
    both at a *combined* 5 %, as the authors' follow-up code does);
@@ -70,7 +70,7 @@ def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
     ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for the thresholds")
     ap.add_argument("--calibration-split", choices=("val", "test_calibration"), default=None,
                     help="the thresholds' images (default: the operating point's, experiments/<ds>/detector.yaml): "
-                         "the validation split, or the test set's sign-grouped calibration split (mixdefense.splits)")
+                         "the validation split, or a test-set calibration split (mixdefense.splits)")
     ap.add_argument("--num-images", type=int, default=1000, help="test images for the label AUROC and the attacks")
     ap.add_argument("--wrong-labels", type=int, default=3, help="random wrong labels per test image (label AUROC)")
     ap.add_argument("--eps", type=float, nargs="+", default=[2, 4, 8],
