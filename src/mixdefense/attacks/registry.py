@@ -7,23 +7,35 @@ the L2 norm of the whole image's perturbation, ``‖x_adv − x‖₂`` over all
 attacks).  C&W and DeepFool have no budget: run them once and bin their AEs by the
 measured norm (:func:`perturbation_norm`).
 
-=================  =====  ============================================================
-name               norm   attack (torchattacks 3.5.1 unless said)
-=================  =====  ============================================================
-``fgsm``           L∞     FGSM, one signed-gradient step of size ε
-``fgm``            L2     one L2-normalised gradient step of length ε (PGDL2, 1 step)
-``bim_linf``       L∞     BIM (Kurakin et al.): 50 signed steps of ``2.5·ε/steps``
-``bim_l2``         L2     BIM in L2: PGDL2 without random start, 50 steps
-``pgd_linf``       L∞     PGD (Madry et al.), random start, 50 steps; ``restarts`` (first AE that fools kept)
-``pgd_l2``         L2     PGDL2, random start, 50 steps; ``restarts``
-``apgd_ce``        L∞     APGD with cross-entropy (Croce & Hein; AutoAttack's first component), 100 steps
-``apgd_dlr``       L∞     APGD with the DLR loss (AutoAttack), 100 steps
-``cw``             L2     Carlini–Wagner L2 with a binary search over c: 9 × 120 iterations
-                          (:class:`~mixdefense.attacks.minimum_norm.CarliniWagnerL2`; no budget)
-``cw_hc``          L2     the same at confidence κ = 10 (high-confidence AEs)
-``deepfool``       L2     DeepFool, L2 steps, 100 steps, overshoot 0.02 (no budget)
-``deepfool_linf``  L∞     DeepFool, L∞ steps (the ℓ1-dual linearisation), 100 steps
-=================  =====  ============================================================
+====================  =====  ============================================================
+name                  norm   attack (torchattacks 3.5.1 unless said)
+====================  =====  ============================================================
+``fgsm``              L∞     FGSM, one signed-gradient step of size ε
+``fgm``               L2     one L2-normalised gradient step of length ε (PGDL2, 1 step)
+``bim_linf``          L∞     BIM (Kurakin et al.): 50 signed steps of ``2.5·ε/steps``
+``bim_l2``            L2     BIM in L2: PGDL2 without random start, 50 steps
+``pgd_linf``          L∞     PGD (Madry et al.), random start, 50 steps; ``restarts`` (first AE that fools kept)
+``pgd_l2``            L2     PGDL2, random start, 50 steps; ``restarts``
+``pgd_linf_tied``     L∞     PGD with a channel-tied δ (one value per pixel, broadcast over C; gradient summed
+                             over C), 50 steps, random start; ``restarts``.  Targets SAEC's blind spot: its
+                             saturation map subtracts the channel mean (:class:`~.subspace.ChannelTiedPGD`)
+``pgd_l2_tied``       L2     the same in L2 (budget on the broadcast δ: √C·‖p‖₂ ≤ ε)
+``pgd_linf_lowfreq``  L∞     PGD on a (H/k)×(W/k) grid upsampled bilinearly (``factor`` k = 4), 50 steps,
+                             random start; ``restarts``: smooth δ that a high-pass filter barely sees
+                             (:class:`~.subspace.LowFrequencyPGD`)
+``pgd_l2_lowfreq``    L2     the same in L2
+``apgd_ce``           L∞     APGD with cross-entropy (Croce & Hein; AutoAttack's first component), 100 steps
+``apgd_dlr``          L∞     APGD with the DLR loss (AutoAttack), 100 steps
+``cw``                L2     Carlini–Wagner L2 with a binary search over c: 9 × 120 iterations
+                             (:class:`~mixdefense.attacks.minimum_norm.CarliniWagnerL2`; no budget)
+``cw_hc``             L2     the same at confidence κ = 10 (high-confidence AEs)
+``deepfool``          L2     DeepFool, L2 steps, 100 steps, overshoot 0.02 (no budget)
+``deepfool_linf``     L∞     DeepFool, L∞ steps (the ℓ1-dual linearisation), 100 steps
+====================  =====  ============================================================
+
+The four structured PGDs (:mod:`mixdefense.attacks.subspace`) bound the *full-resolution* δ
+like every other attack (L∞, or L2 over all C·H·W values) and clip the image to ``[0, 1]``; for
+one-channel images the tied ones are ``pgd_linf`` / ``pgd_l2`` (the same AEs up to float rounding).
 
 DeepFool is :class:`BatchedDeepFool`, a ``torchattacks.Attack`` that runs the whole batch at
 once (``K`` backward passes per step for ``K`` classes; ``torchattacks.DeepFool`` loops over images
@@ -49,6 +61,7 @@ import torchattacks
 from torchattacks.attack import Attack
 
 from mixdefense.attacks.minimum_norm import CarliniWagnerL2, Restarts
+from mixdefense.attacks.subspace import ChannelTiedPGD, LowFrequencyPGD
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,22 @@ def _pgd_l2(model, eps, steps=50, alpha=None, random_start=True, restarts=1, **_
     """PGD L2; step ``alpha`` (default ``2.5·ε/steps``); ``restarts`` as for L∞."""
     return _restarted(torchattacks.PGDL2(model, eps=eps, alpha=alpha or 2.5 * eps / steps, steps=steps,
                                          random_start=random_start), restarts)
+
+
+def _pgd_tied(norm: str):
+    def build(model, eps, steps=50, alpha=None, random_start=True, restarts=1, **_):
+        """Channel-tied PGD (:class:`ChannelTiedPGD`); step ``alpha`` (default ``2.5·ε/steps``); ``restarts``."""
+        return _restarted(ChannelTiedPGD(model, eps=eps, alpha=alpha or 2.5 * eps / steps, steps=steps,
+                                         random_start=random_start, norm=norm), restarts)
+    return build
+
+
+def _pgd_lowfreq(norm: str):
+    def build(model, eps, steps=50, alpha=None, random_start=True, restarts=1, factor=4, **_):
+        """Low-frequency PGD (:class:`LowFrequencyPGD`, grid ``factor`` times coarser); as :func:`_pgd_tied`."""
+        return _restarted(LowFrequencyPGD(model, eps=eps, alpha=alpha or 2.5 * eps / steps, steps=steps,
+                                          random_start=random_start, norm=norm, factor=factor), restarts)
+    return build
 
 
 def _apgd(loss: str):
@@ -184,6 +213,14 @@ ATTACKS: dict[str, AttackSpec] = {
         AttackSpec("bim_l2", "l2", True, _bim_l2, {"steps": 50}, "BIM, L2"),
         AttackSpec("pgd_linf", "linf", True, _pgd_linf, {"steps": 50, "restarts": 1}, "PGD, L∞, random start"),
         AttackSpec("pgd_l2", "l2", True, _pgd_l2, {"steps": 50, "restarts": 1}, "PGD, L2, random start"),
+        AttackSpec("pgd_linf_tied", "linf", True, _pgd_tied("linf"), {"steps": 50, "restarts": 1},
+                   "PGD, L∞, channel-tied δ (SAEC's channel-mean blind spot)"),
+        AttackSpec("pgd_l2_tied", "l2", True, _pgd_tied("l2"), {"steps": 50, "restarts": 1},
+                   "PGD, L2, channel-tied δ (SAEC's channel-mean blind spot)"),
+        AttackSpec("pgd_linf_lowfreq", "linf", True, _pgd_lowfreq("linf"), {"steps": 50, "restarts": 1, "factor": 4},
+                   "PGD, L∞, bilinearly upsampled δ from a 4× coarser grid"),
+        AttackSpec("pgd_l2_lowfreq", "l2", True, _pgd_lowfreq("l2"), {"steps": 50, "restarts": 1, "factor": 4},
+                   "PGD, L2, bilinearly upsampled δ from a 4× coarser grid"),
         AttackSpec("apgd_ce", "linf", True, _apgd("ce"), {"steps": 100, "restarts": 1}, "APGD-CE, L∞ (AutoAttack)"),
         AttackSpec("apgd_dlr", "linf", True, _apgd("dlr"), {"steps": 100, "restarts": 1}, "APGD-DLR, L∞ (AutoAttack)"),
         AttackSpec("cw", "l2", False, _cw, {"search_steps": 9, "steps": 120, "initial_const": 0.1, "kappa": 0.0, "lr": 0.1},
