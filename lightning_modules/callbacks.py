@@ -139,8 +139,8 @@ class ExportBestSubmodule(pl.Callback):
 class ExportCGAN(ExportBestSubmodule):
     """Export the cGAN's encoder and generator (:func:`mixdefense.nets.save_cgan`; loads with
     :func:`mixdefense.nets.load_cgan`, ``weights_only=True``, no Lightning).  The configs keep
-    the best checkpoint by ``val/select`` = validation SSIM × label binding: a GAN's last step
-    is not always its best."""
+    the best checkpoint by ``val/select`` = validation SSIM × label binding (the paper variant,
+    which uses no classifier, by ``val/ssim``): a GAN's last step is not always its best."""
 
     attribute, what = "reconstructor", "cGAN (encoder + generator)"
     save = staticmethod(save_cgan)

@@ -21,7 +21,14 @@ ignore ``y``; the class critic asks G to draw what ``y`` says.
 
 ``Dist = w_l2 · MSE + w_ssim · (1 − SSIM)`` (torchmetrics SSIM, data range 1).  ``adv_loss``:
 ``"hinge"`` (D: ``relu(1 − D(real)) + relu(1 + D(fake))``, G: ``−D(fake)``) or ``"bce"``
-(the paper's log-loss form).  A non-finite loss or gradient stops training with a clear error
+(the paper's log-loss form: D ``−log σ(D(real)) − log(1 − σ(D(fake)))``, eq. 5; G
+``−log σ(D(fake))``, eq. 4).
+
+The paper's eqs. 3–5 alone (the ``paper`` variant, ``experiments/<ds>/cgan_paper_variant.yaml``):
+``adv_loss: bce``, ``wrong_label_adv: false``, ``mismatch_fake: false``, ``w_cls: 0`` and no
+``binding_classifier`` — G: ``Dist + w_adv · adv_G`` on ``(G(z, y), y)``, E: ``Dist + w_kl · KL``,
+D: real ``(x, y)`` against ``(G(z, y), y)``.  The defaults (``hinge``, ``wrong_label_adv``) and the
+shipped configs' extra terms are MixDefense+'s.  A non-finite loss or gradient stops training with a clear error
 *before* the optimizer step, so the weights (and every checkpoint written so far, ``last.ckpt``
 included) stay finite: resume from the last good checkpoint.
 

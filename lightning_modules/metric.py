@@ -3,6 +3,16 @@
 Per batch of clean ``(x, y)``: the frozen reconstructor gives ``R(x, y)`` and ``R(x, y′)`` for
 ``negatives_per_image`` distinct wrong labels ``y′`` (:mod:`mixdefense.triplets`); anchors
 ``M(x)``, references ``M(R(·))``; a PML ``TripletMarginMiner`` + ``TripletMarginLoss``.
+``triplets`` chooses which triplets eq. 6 sees (:class:`mixdefense.triplets.TripletObjective`):
+
+* ``"batch"`` (default; MixDefense+): every label-valid triplet of the batch — an anchor's
+  positives are all reconstructions drawn with its label, mostly other images' (wrong-label
+  ones included), its negatives all reconstructions drawn with another label;
+* ``"paper"`` (the paper's §4.2; ``experiments/<ds>/metric_paper_variant.yaml``): per image —
+  anchor ``M(x)``, positive ``M(R(x, y))`` of the same image, negatives ``M(R(x, y′))`` of the
+  same image with its wrong labels ``y′``; the miner (``semihard`` there, as in the authors'
+  code: ``d(a, p) < d(a, n) ≤ d(a, p) + margin``) picks among those only.  Adversarial anchors
+  are their own images here too (positive ``R(x_adv, y)``, negative ``R(x_adv, y_adv)``).
 With ``confusable_negatives = k > 0`` and a ``classifier``, ``k`` of each image's wrong labels are
 drawn among the ``confusable_top_k`` wrong labels the classifier scores highest for the clean
 image (:func:`mixdefense.triplets.sample_confusable_labels`): hard negatives in label space,
@@ -27,8 +37,8 @@ needs the training set unaugmented and indexed (datamodule ``augment: false``,
 ``train_indices: true``); the bank's build counts in the trainer's ``max_time``.  Under ``precision: bf16-mixed`` M runs in bfloat16 while the triplet
 objective and the distances stay float32 (the exported M is float32 either way).
 
-Logged: ``train/loss``, ``train/active`` (share of the batch's label-valid triplets whose
-margin is violated), ``train/mined``; validation: the distances ``d(M(x), M(R(x, y)))``
+Logged: ``train/loss``, ``train/active`` (share of the batch's candidate triplets — label-valid,
+or per image with ``triplets: paper`` — whose margin is violated), ``train/mined``; validation: the distances ``d(M(x), M(R(x, y)))``
 (positives) and ``d(M(x), M(R(x, y′)))`` (one random wrong label per image, negatives),
 ``val/auroc`` of telling them apart (torchmetrics), ``val/d_pos``, ``val/d_neg``, and each
 validation's histogram of both distributions as PNG (``hist/step<N>.png``) and to W&B.
@@ -49,10 +59,12 @@ from mixdefense.metrics import detection_auroc
 from mixdefense.nets.cgan import load_cgan
 from mixdefense.nets.metric import EmbeddingNet, embedding_distance
 from mixdefense.triplets import (
+    TRIPLET_MODES,
     ReferenceBank,
     TripletObjective,
     adversarial_anchors,
     reconstruction_references,
+    reference_owners,
     sample_confusable_labels,
     sample_wrong_labels,
 )
@@ -65,6 +77,7 @@ class MetricModule(pl.LightningModule):
         cgan: path of the exported cGAN (``artifacts/<ds>/cgan.pt``).
         embedding_dim, arch, channels: M's architecture (:class:`mixdefense.nets.EmbeddingNet`).
         margin, distance, miner, miner_margin: the triplet objective (:class:`mixdefense.triplets.TripletObjective`).
+        triplets: ``"batch"`` or ``"paper"`` (see the module docstring).
         negatives_per_image: wrong-label reconstructions per image (``num_classes − 1``: all).
         anchor_noise: maximal amplitude of the uniform noise on anchors (0: none).
         classifier: path of the dataset's classifier (``artifacts/<ds>/classifier.pt``) for confusable negatives.
@@ -93,8 +106,10 @@ class MetricModule(pl.LightningModule):
                  channels_last: bool = False, adversarial_anchors: int = 0,
                  adversarial_eps: tuple[float, float] = (1 / 255, 8 / 255), adversarial_steps: int = 2,
                  adversarial_val_eps: float | None = None, reference_latent_noise: float = 0.0,
-                 reference_bank: bool = False, bank_uniform_negatives: int = 3):
+                 reference_bank: bool = False, bank_uniform_negatives: int = 3, triplets: str = "batch"):
         super().__init__()
+        if triplets not in TRIPLET_MODES:
+            raise ValueError(f"triplets must be one of {TRIPLET_MODES}, got {triplets!r}")
         if not Path(cgan).exists():
             raise FileNotFoundError(f"cGAN not found: {cgan} (train it first: make train-cgan DATASET=...)")
         self.save_hyperparameters()
@@ -131,7 +146,7 @@ class MetricModule(pl.LightningModule):
         # frozen and not a registered submodule: not in M's checkpoint weights, never trained
         self._classifier = [load_classifier(classifier).requires_grad_(False).eval()] if classifier else []
         self.metric = EmbeddingNet(self.reconstructor.in_channels, embedding_dim, arch, channels)
-        self.objective = TripletObjective(margin, distance, miner, miner_margin)
+        self.objective = TripletObjective(margin, distance, miner, miner_margin, triplets)
         self._val: dict[str, list[torch.Tensor]] = {}
         self.bank: ReferenceBank | None = None
 
@@ -220,13 +235,16 @@ class MetricModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y, refs, ref_labels = self._references(batch)
         anchors, anchor_labels = self._anchors(x), y
+        owners = reference_owners(len(x), self.hparams.negatives_per_image, x.device)  # per-image triplets ("paper")
         if self.hparams.adversarial_anchors:
             x_adv, y_adv_anchor, adv_refs, adv_labels = self._adversarial_triplets(x, y)
+            adv_owners = len(x) + torch.arange(len(x_adv), device=x.device)  # R(x_adv, y) then R(x_adv, y_adv)
             anchors, anchor_labels = torch.cat([anchors, x_adv]), torch.cat([y, y_adv_anchor])
             refs, ref_labels = torch.cat([refs, adv_refs]), torch.cat([ref_labels, adv_labels])
+            owners = torch.cat([owners, adv_owners, adv_owners])
         emb = self.metric(torch.cat([anchors, refs])).float()
         with torch.autocast(self.device.type, enabled=False):  # distances and loss in float32 under bf16-mixed
-            stats = self.objective(emb[: len(anchors)], anchor_labels, emb[len(anchors):], ref_labels)
+            stats = self.objective(emb[: len(anchors)], anchor_labels, emb[len(anchors):], ref_labels, owners)
         if not torch.isfinite(stats.loss):
             raise FloatingPointError(f"metric training diverged: loss {stats.loss.item()}")
         self.log_dict({"train/loss": stats.loss, "train/active": stats.active_fraction,

@@ -193,3 +193,69 @@ def test_bf16_mixed_channels_last_training_updates_all_three_networks(tmp_path):
     for name, snap in before.items():
         assert _changed(snap, getattr(model, name)), name
         assert all(torch.isfinite(p).all() for p in getattr(model, name).parameters())
+
+
+def test_paper_settings_train_with_eqs_3_to_5_alone():
+    """The ``*_paper_variant.yaml`` switches (adv_loss bce, no wrong-label term, no mismatched reals, no class
+    critic, no binding classifier): one Algorithm-1 step whose three losses are exactly
+    G: Dist(G(z, y), x) − w_adv·log d(1|G(z, y), y)          (eq. 4, with Dist as −log p(x|z, y))
+    E: Dist(G(z, y), x) + w_kl·KL(q(z|x) ‖ N(0, I))         (eq. 3)
+    D: −log d(1|x, y) − log d(0|G(z, y), y)                  (eq. 5)
+    and in which G and D only ever see the true labels."""
+    w_adv, w_kl = 0.1, 0.002
+    model = _tiny(adv_loss="bce", wrong_label_adv=False, mismatch_fake=False, w_cls=0.0, w_adv=w_adv, w_kl=w_kl)
+    assert model.discriminator.classifier is None and model.binder is None
+    x, y = next(iter(_loader()))
+    gen_calls, enc_calls, d_labels, losses = [], [], [], {}
+    generator_forward, encoder_sample = model.generator.forward, model.encoder.sample
+    score_features, descend = model.discriminator.score_features, model._descend
+
+    def spy_generator(z, labels):
+        out = generator_forward(z, labels)
+        gen_calls.append((labels.clone(), out.detach()))
+        return out
+
+    def spy_sample(*args, **kwargs):
+        out = encoder_sample(*args, **kwargs)
+        enc_calls.append(tuple(t.detach() for t in out))
+        return out
+
+    def spy_score(h, labels):
+        d_labels.append(labels.clone())
+        return score_features(h, labels)
+
+    def spy_descend(opt, loss, name):
+        d = model.discriminator.eval()  # no batch norm in D; spectral norm reuses its current estimate
+        with torch.no_grad():
+            fake = gen_calls[0][1]  # G(z, y) of the generator phase (D trains on it too)
+            if name == "generator":
+                expected = model.dist(fake, x) - w_adv * torch.nn.functional.logsigmoid(d(fake, y)).mean()
+            elif name == "encoder":
+                _, mu, logvar = enc_calls[1]
+                expected = model.dist(gen_calls[1][1], x) + w_kl * kl_to_standard_normal(mu, logvar)
+            else:
+                expected = (-torch.nn.functional.logsigmoid(d(x, y)).mean()
+                            - torch.nn.functional.logsigmoid(-d(fake, y)).mean())  # log(1 − σ(l)) = log σ(−l)
+        d.train()
+        losses[name] = (float(loss.detach()), float(expected))
+        descend(opt, loss, name)
+
+    model.generator.forward, model.encoder.sample = spy_generator, spy_sample
+    model.discriminator.score_features, model._descend = spy_score, spy_descend
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu")
+    trainer.fit(model, _loader())
+    assert list(losses) == ["generator", "encoder", "discriminator"]
+    for name, (loss, expected) in losses.items():  # (D's step ran one spectral-norm power iteration between its
+        assert loss == pytest.approx(expected, rel=1e-4, abs=1e-6), name  # real and fake passes: ~1e-5 apart)
+    assert len(gen_calls) == 2 and all(torch.equal(labels, y) for labels, _ in gen_calls)  # G(z, y) only
+    assert d_labels and all(torch.equal(labels, y) for labels in d_labels)  # D(·, y) only: no (x, y′), no (G(z, y′), y′)
+
+
+def test_bce_is_the_papers_log_loss():
+    model = _tiny(adv_loss="bce")
+    real, fake = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([-3.0, 0.2, 1.0])
+    p_real, p_fake = torch.sigmoid(real), torch.sigmoid(fake)
+    torch.testing.assert_close(model._adv_g(fake), -torch.log(p_fake).mean())  # eq. 4: −log d(1|G(z, y), y)
+    torch.testing.assert_close(model._adv_d(real, fake), -torch.log(p_real).mean() - torch.log(1 - p_fake).mean())  # eq. 5

@@ -12,7 +12,9 @@ from mixdefense.nets.metric import embedding_distance
 from mixdefense.triplets import (
     ReferenceBank,
     TripletObjective,
+    image_triplets,
     reconstruction_references,
+    reference_owners,
     sample_confusable_labels,
     sample_wrong_labels,
 )
@@ -101,6 +103,98 @@ def test_triplet_loss_vanishes_when_the_margin_is_met():
     # a negative inside the margin makes the triplet active
     stats = TripletObjective(margin=0.5, miner="all")(anchors, y, torch.tensor([[1.0, 0.0], [0.9, 0.1]]), y.clone())
     assert stats.active_fraction > 0 and float(stats.loss) > 0
+
+
+def _per_image_batch(num_images=4, negatives=3, dim=6, seed=0):
+    """Anchors, references in reconstruction_references' layout, their labels and owners; two images share label 0
+    so that a batch-wide pairing would cross images."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(num_images) % 3  # [0, 1, 2, 0, ...]: label 0 on images 0 and 3
+    wrong = sample_wrong_labels(y, 10, negatives, g)
+    ref_labels = torch.cat([y, wrong.flatten()])
+    owners = reference_owners(num_images, negatives)
+    return torch.randn(num_images, dim, generator=g), y, torch.randn(len(ref_labels), dim, generator=g), ref_labels, owners
+
+
+def _set(triplets):
+    return set(zip(*(t.tolist() for t in triplets)))
+
+
+def test_reference_owners_follow_the_reference_layout():
+    assert reference_owners(3, 2).tolist() == [0, 1, 2, 0, 0, 1, 1, 2, 2]
+    rec = tiny_reconstructor()
+    x, y = torch.rand(3, 1, 16, 16), torch.tensor([0, 1, 2])
+    refs, labels = reconstruction_references(rec, x, y, 10, 2)
+    owners = reference_owners(3, 2)
+    for r in range(len(refs)):  # each reference is G(μ(x_owner), its label)
+        i = int(owners[r])
+        torch.testing.assert_close(refs[r:r + 1], rec(x[i:i + 1], labels[r:r + 1]))
+
+
+def test_paper_triplets_are_each_images_own_positive_and_wrong_label_reconstructions():
+    anchors, y, refs, ref_labels, owners = _per_image_batch()
+    a, p, n = image_triplets(y, ref_labels, owners)
+    assert len(a) == 4 * 3  # one positive and three negatives per image
+    assert torch.equal(owners[p], a) and torch.equal(owners[n], a)  # all from the anchor's own image
+    assert torch.equal(p, a)  # the positive is R(x_a, y_a), the a-th reference
+    assert torch.equal(ref_labels[p], y[a]) and not (ref_labels[n] == y[a]).any()
+    assert _set((a, p, n)) == {(i, i, 4 + 3 * i + j) for i in range(4) for j in range(3)}
+    # a miner that keeps everything (margin beyond any L2 distance of unit vectors) keeps exactly these ...
+    objective = TripletObjective(margin=0.7, miner="all", miner_margin=10.0, triplets="paper")
+    assert _set(objective.mine_per_image(anchors, y, refs, ref_labels, owners)) == _set((a, p, n))
+    # ... where the batch mode pairs images 0 and 3 (same label) and uses other images' references
+    batch = TripletObjective(margin=0.7, miner="all", miner_margin=10.0).miner(anchors, y, refs, ref_labels)
+    assert (owners[batch[1]] != batch[0]).any() and (owners[batch[2]] != batch[0]).any()
+
+
+def test_paper_mode_semihard_miner_keeps_only_semihard_triplets():
+    margin = 0.5
+    anchors, y, refs, ref_labels, owners = _per_image_batch(num_images=32, negatives=5, dim=3, seed=1)
+    objective = TripletObjective(margin=margin, miner="semihard", triplets="paper")
+    mined = objective.mine_per_image(anchors, y, refs, ref_labels, owners)
+    a, p, n = mined
+    assert torch.equal(owners[p], a) and torch.equal(owners[n], a) and torch.equal(ref_labels[p], y[a])
+    assert not (ref_labels[n] == y[a]).any()
+    # L2 on unit-normalised embeddings (PML's LpDistance(normalize_embeddings=True)), computed here by hand
+    d = torch.cdist(torch.nn.functional.normalize(anchors), torch.nn.functional.normalize(refs))
+    d_ap, d_an = d[a, p], d[a, n]
+    assert len(a) > 0 and ((d_ap < d_an) & (d_an <= d_ap + margin + 1e-6)).all()
+    # and it keeps every such triplet among the per-image candidates, none of the easy or hard ones
+    ca, cp, cn = image_triplets(y, ref_labels, owners)
+    gap = d[ca, cn] - d[ca, cp]
+    semihard = (gap > 0) & (gap <= margin)
+    assert (gap <= 0).any() and (gap > margin).any()  # the batch does hold hard and easy triplets
+    assert _set(mined) == _set((ca[semihard], cp[semihard], cn[semihard]))
+    stats = objective(anchors, y, refs, ref_labels, owners)
+    assert stats.num_triplets == 32 * 5 and stats.num_mined == len(a)
+    # eq. 6 averaged over the mined triplets with a non-zero loss (PML's AvgNonZeroReducer)
+    losses = torch.relu(d_ap - d_an + margin)
+    torch.testing.assert_close(stats.loss, losses[losses > 0].mean())
+
+
+def test_paper_mode_semihard_on_hand_placed_embeddings():
+    """One image: the positive at distance ~0.2 from the anchor; negatives closer (hard), a little farther
+    (semihard) and far (easy).  Only the semihard one is mined."""
+    def unit(deg):
+        r = torch.deg2rad(torch.tensor(float(deg)))
+        return torch.stack([torch.cos(r), torch.sin(r)])
+
+    anchors = unit(0)[None]
+    refs = torch.stack([unit(12), unit(6), unit(30), unit(120)])  # positive, hard, semihard, easy
+    y, ref_labels, owners = torch.tensor([0]), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 0, 0])
+    objective = TripletObjective(margin=0.5, miner="semihard", triplets="paper")
+    assert _set(objective.mine_per_image(anchors, y, refs, ref_labels, owners)) == {(0, 0, 2)}
+
+
+def test_paper_mode_needs_owners_and_an_own_positive():
+    anchors, y, refs, ref_labels, owners = _per_image_batch()
+    objective = TripletObjective(triplets="paper")
+    with pytest.raises(ValueError, match="ref_owners"):
+        objective(anchors, y, refs, ref_labels)
+    with pytest.raises(ValueError, match="own true-label"):
+        objective(anchors, y, refs[4:], ref_labels[4:], owners[4:])  # the positives left out
+    with pytest.raises(ValueError, match="triplets mode"):
+        TripletObjective(triplets="pairs")
 
 
 # -- embedding net --------------------------------------------------------------------------

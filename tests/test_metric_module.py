@@ -188,3 +188,58 @@ def test_reference_bank_settings_are_checked(tmp_path):
         _bank_module(tmp_path, reference_latent_noise=1.0)
     with pytest.raises(ValueError, match="bank_uniform_negatives"):
         _module(tmp_path, reference_bank=True, bank_uniform_negatives=2)  # 3 uniform negatives per image needed
+
+
+@pytest.mark.parametrize("setting", ["plain", "adversarial", "reference_bank"])
+def test_paper_triplets_pair_each_anchor_with_its_own_images_reconstructions(tmp_path, setting):
+    """``triplets: paper``: the references the objective gets, with their owners, are each ``R(anchor image, label)``
+    of the owner's own anchor image (the adversarial anchors' too, and the bank's); one step trains."""
+    from mixdefense.classifiers import Classifier, save_classifier
+
+    kw = {"triplets": "paper", "miner": "semihard"}
+    if setting == "adversarial":
+        kw.update(classifier=str(save_classifier(Classifier("lenet", 10, 1, 16), tmp_path / "clf.pt")),
+                  adversarial_anchors=4)
+    if setting == "reference_bank":
+        kw.update(reference_bank=True, bank_uniform_negatives=4)
+    module = _module(tmp_path, **kw)
+    seen = {}
+    metric_forward, objective_forward = module.metric.forward, module.objective.forward
+
+    def spy_metric(images):
+        if module.training:
+            seen["images"] = images.detach().clone()
+        return metric_forward(images)
+
+    def spy_objective(anchors, anchor_labels, refs, ref_labels, ref_owners=None):
+        seen.update(anchors=len(anchors), anchor_labels=anchor_labels, ref_labels=ref_labels, owners=ref_owners)
+        stats = objective_forward(anchors, anchor_labels, refs, ref_labels, ref_owners)
+        seen["stats"] = stats
+        return stats
+
+    module.metric.forward, module.objective.forward = spy_metric, spy_objective
+    trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    if setting == "reference_bank":
+        trainer.fit(module, datamodule=_IndexedData())
+    else:
+        trainer.fit(module, _loader(), _loader())
+    a = seen["anchors"]
+    assert a == (8 + 4 if setting == "adversarial" else 8)
+    anchor_images, ref_images = seen["images"][:a], seen["images"][a:]
+    owners, ref_labels = seen["owners"], seen["ref_labels"]
+    assert owners is not None and len(owners) == len(ref_images) and set(owners.tolist()) == set(range(a))
+    rec = module.reconstructor
+    with torch.no_grad():
+        expected = rec.generator(rec.encoder(anchor_images[owners])[0], ref_labels)  # R(owner's image, label)
+    torch.testing.assert_close(ref_images, expected, atol=2e-3 if setting == "reference_bank" else 1e-5, rtol=0)
+    for i in range(a):  # one own positive (the anchor's label), the rest its wrong-label reconstructions
+        own = ref_labels[owners == i]
+        assert int((own == seen["anchor_labels"][i]).sum()) == 1
+    assert seen["stats"].num_triplets == 8 * 3 + (4 if setting == "adversarial" else 0)
+    assert torch.isfinite(seen["stats"].loss)
+
+
+def test_triplets_mode_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="triplets"):
+        _module(tmp_path, triplets="images")

@@ -8,15 +8,31 @@ cGAN's reconstructor ``R(x, y) = G(μ(x), y)``:
   ``R(x, y′)`` for ``n`` distinct wrong labels ``y′ ≠ y`` per image (label ``y′``, the paper's
   *negatives*).
 
-Every label-valid triplet among them is used, "according to the labels" (paper §4.2):
-anchor ``x_i``, positive any reconstruction drawn *as* ``y_i``, negative any reconstruction
-drawn as another class — so an anchor's own wrong-label reconstructions ``R(x_i, y′)`` are
-always among its negatives and a reconstruction labelled ``y_i`` never is
-(:func:`sample_wrong_labels` never returns the true label).  A
-``TripletMarginMiner`` (``all`` / ``semihard`` / ``hard``) keeps the triplets that violate the
-margin, and ``TripletMarginLoss`` (eq. 6) averages over the non-zero ones (PML's
-``AvgNonZeroReducer``).  Distances: ``l2`` (Euclidean on the embeddings, PML's
-``LpDistance``) or ``cosine`` (``1 − cos``; PML's ``CosineSimilarity``).
+Which (anchor, positive, negative) triplets eq. 6 sees is :class:`TripletObjective`'s
+``triplets`` mode (:data:`TRIPLET_MODES`):
+
+* ``"batch"`` (the default; MixDefense+'s shipped configs): every label-valid triplet of the
+  batch: anchor ``x_i``, positive any reconstruction drawn *as* ``y_i`` (mostly *other*
+  images' ``R(x_j, y_i)``, wrong-label ones ``R(x_j, y′ = y_i)`` included), negative any
+  reconstruction drawn as another class — so an anchor's own wrong-label reconstructions
+  ``R(x_i, y′)`` are always among its negatives and a reconstruction labelled ``y_i`` never is
+  (:func:`sample_wrong_labels` never returns the true label).
+* ``"paper"`` (the paper's §4.2, the ``paper`` variant): per image only: anchor ``M(x_i)``,
+  positive ``M(R(x_i, y_i))`` of *the same image*, negatives ``M(R(x_i, y′))``, that image's
+  wrong-label reconstructions (:func:`image_triplets`; which reference belongs to which
+  image is the ``ref_owners`` vector, :func:`reference_owners` for the layout of
+  :func:`reconstruction_references`).  The miner (``semihard`` in the paper-variant configs,
+  as in the authors' code) chooses among those triplets only.  (The paper's "all possible
+  triplet combinations are used ... according to the labels" and its "hard sample miner"
+  leave room: this mode follows its description of the triplet — clean image, its own
+  reconstructions with the correct and with wrong labels — and the authors' semihard miner.)
+
+A ``TripletMarginMiner`` (``all`` / ``semihard`` / ``hard``) keeps triplets by their margin
+``d(a, n) − d(a, p)`` (``all``: ``≤ m``, i.e. every violating triplet; ``semihard``:
+``0 < · ≤ m``, i.e. ``d(a, p) < d(a, n) ≤ d(a, p) + m``; ``hard``: ``≤ 0``), and
+``TripletMarginLoss`` (eq. 6) averages over the non-zero losses (PML's ``AvgNonZeroReducer``;
+with the ``all`` miner at the loss margin the mining therefore changes nothing).  Distances: ``l2`` (Euclidean
+on the embeddings, PML's ``LpDistance``) or ``cosine`` (``1 − cos``; PML's ``CosineSimilarity``).
 
 Adversarial anchors (optional; the authors' follow-up code fine-tunes its metric model with PGD
 AEs, see ``facts.md``): :func:`adversarial_anchors` turns clean training images into L∞ PGD
@@ -40,6 +56,7 @@ from mixdefense.attacks import run_attack
 from mixdefense.nets.metric import DISTANCES
 
 MINER_TYPES = ("all", "semihard", "hard")
+TRIPLET_MODES = ("batch", "paper")
 
 
 def sample_wrong_labels(y: torch.Tensor, num_classes: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -124,6 +141,32 @@ def reconstruction_references(reconstructor: nn.Module, x: torch.Tensor, y: torc
     return torch.cat([positives, negatives]), torch.cat([y, y_neg])
 
 
+def reference_owners(num_images: int, negatives_per_image: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``[B·(1+n)]``: the image (anchor index) each reference of :func:`reconstruction_references`'
+    layout (and :meth:`ReferenceBank.sample`'s) was reconstructed from: ``0 … B−1`` for the
+    positives, then each image's index ``n`` times for its negatives (image-major)."""
+    images = torch.arange(num_images, device=device)
+    return torch.cat([images, images.repeat_interleave(negatives_per_image)])
+
+
+def image_triplets(anchor_labels: torch.Tensor, ref_labels: torch.Tensor, ref_owners: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(a, p, n)`` index tensors of every *per-image* triplet (the ``"paper"`` mode's candidates).
+
+    Anchor ``a`` (an index into the anchors), positive ``p`` a reference of the same image
+    (``ref_owners[p] == a``) drawn with the anchor's label, negative ``n`` a reference of the same
+    image drawn with another label: ``(M(x_a), M(R(x_a, y_a)), M(R(x_a, y′)))``.  No triplet uses
+    another image's reconstruction.
+    """
+    anchors = torch.arange(len(anchor_labels), device=anchor_labels.device)
+    own = ref_owners[None, :] == anchors[:, None]  # [A, R]
+    same_label = anchor_labels[:, None] == ref_labels[None, :]
+    pa, pp = torch.where(own & same_label)
+    na, nn_ = torch.where(own & ~same_label)
+    i, j = torch.where(pa[:, None] == na[None, :])  # join on the anchor
+    return pa[i], pp[i], nn_[j]
+
+
 def pml_distance(name: str) -> distances.BaseDistance:
     """PML distance object for ``"l2"`` or ``"cosine"``."""
     if name == "l2":
@@ -138,7 +181,7 @@ class TripletStats:
     """What one batch's triplet objective saw (for logging)."""
 
     loss: torch.Tensor
-    num_triplets: int  # all label-valid triplets in the batch
+    num_triplets: int  # all candidate triplets: label-valid in the batch ("batch"), per image ("paper")
     num_mined: int  # those the miner kept
     active_fraction: float  # share of all valid triplets with a positive loss (margin violated)
 
@@ -151,15 +194,22 @@ class TripletObjective(nn.Module):
         distance: ``"l2"`` or ``"cosine"``.
         miner: ``"all"`` (every margin-violating triplet), ``"semihard"`` or ``"hard"``.
         miner_margin: the miner's margin (default: ``margin``).
+        triplets: ``"batch"`` (every label-valid triplet of the batch) or ``"paper"`` (per image:
+            the anchor's own true-label and wrong-label reconstructions; needs ``ref_owners``).
+            See the module docstring.
     """
 
-    def __init__(self, margin: float = 0.7, distance: str = "l2", miner: str = "all", miner_margin: float | None = None):
+    def __init__(self, margin: float = 0.7, distance: str = "l2", miner: str = "all", miner_margin: float | None = None,
+                 triplets: str = "batch"):
         super().__init__()
         if miner not in MINER_TYPES:
             raise ValueError(f"unknown miner {miner!r}; choose one of {MINER_TYPES}")
+        if triplets not in TRIPLET_MODES:
+            raise ValueError(f"unknown triplets mode {triplets!r}; choose one of {TRIPLET_MODES}")
         if margin <= 0:
             raise ValueError(f"margin must be > 0, got {margin}")
         self.distance_name = distance
+        self.triplets = triplets
         dist = pml_distance(distance)
         self.miner = miners.TripletMarginMiner(margin=margin if miner_margin is None else miner_margin,
                                                type_of_triplets=miner, distance=dist)
@@ -167,8 +217,14 @@ class TripletObjective(nn.Module):
         self.margin = margin
 
     def forward(self, anchors: torch.Tensor, anchor_labels: torch.Tensor, refs: torch.Tensor,
-                ref_labels: torch.Tensor) -> TripletStats:
-        """Loss over triplets (anchor from ``anchors [B, D]``, positive and negative from ``refs [R, D]``)."""
+                ref_labels: torch.Tensor, ref_owners: torch.Tensor | None = None) -> TripletStats:
+        """Loss over triplets (anchor from ``anchors [A, D]``, positive and negative from ``refs [R, D]``).
+
+        ``ref_owners [R]`` (the anchor index each reference was reconstructed from) is needed in
+        ``"paper"`` mode and ignored in ``"batch"`` mode.
+        """
+        if self.triplets == "paper":
+            return self._per_image(anchors, anchor_labels, refs, ref_labels, ref_owners)
         triplets = self.miner(anchors, anchor_labels, refs, ref_labels)
         loss = self.loss(anchors, anchor_labels, triplets, refs, ref_labels)
         with torch.no_grad():
@@ -176,15 +232,54 @@ class TripletObjective(nn.Module):
             pos = matches.sum(1)
             total = int((pos * (~matches).sum(1)).sum())
             # every valid triplet's loss > 0  ⇔  d(a, p) − d(a, n) + margin > 0
-            d = self.miner.distance(anchors, refs)
-            if self.miner.distance.is_inverted:  # similarity: larger = closer
-                d = -d
+            d = self._distances(anchors, refs)
             inf = torch.tensor(float("inf"), device=d.device)
             d_pos = torch.where(matches, d, -inf)  # [B, R]
             d_neg = torch.where(matches, inf, d)
             violated = (d_pos[:, :, None] - d_neg[:, None, :] + self.margin > 0) & matches[:, :, None] & ~matches[:, None, :]
             active = int(violated.sum())
         return TripletStats(loss, total, int(triplets[0].numel()), active / max(total, 1))
+
+    def _distances(self, anchors: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+        """``[A, R]`` distances (smaller = closer, whatever the PML distance)."""
+        d = self.miner.distance(anchors, refs)
+        return -d if self.miner.distance.is_inverted else d  # similarity: larger = closer
+
+    def mine_per_image(self, anchors: torch.Tensor, anchor_labels: torch.Tensor, refs: torch.Tensor,
+                       ref_labels: torch.Tensor, ref_owners: torch.Tensor,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The miner's choice among the per-image triplets of :func:`image_triplets` (``"paper"`` mode).
+
+        PML's miner pairs anchors and references by label; to keep it to one image it is handed
+        *mining labels*: anchor ``i`` is labelled ``i``, so is each of its own positives, and every
+        other reference gets a label of its own that no anchor has.  Its candidates are then
+        ``(i, own positive, any other reference)``; PML's rule (``semihard``: ``d(a, p) < d(a, n) ≤
+        d(a, p) + m``) selects among them, and the negatives not of image ``i`` are dropped.
+        """
+        num_anchors, num_refs = len(anchors), len(refs)
+        if ref_owners is None or ref_owners.shape != ref_labels.shape:
+            raise ValueError("triplets='paper' needs ref_owners [R]: the anchor index each reference was "
+                             "reconstructed from (mixdefense.triplets.reference_owners)")
+        if len(ref_owners) and not (0 <= int(ref_owners.min()) and int(ref_owners.max()) < num_anchors):
+            raise ValueError(f"ref_owners must index the {num_anchors} anchors")
+        positive = ref_labels == anchor_labels[ref_owners]
+        if not torch.isin(torch.arange(num_anchors, device=ref_owners.device), ref_owners[positive]).all():
+            raise ValueError("triplets='paper': every anchor needs its own true-label reconstruction among the references")
+        anchor_ids = torch.arange(num_anchors, device=anchors.device)
+        unique = num_anchors + torch.arange(num_refs, device=refs.device)  # labels no anchor has
+        mining_labels = torch.where(positive, ref_owners, unique)
+        a, p, n = self.miner(anchors, anchor_ids, refs, mining_labels)
+        keep = ref_owners[n] == a  # the negative is the anchor's own wrong-label reconstruction
+        return a[keep], p[keep], n[keep]
+
+    def _per_image(self, anchors, anchor_labels, refs, ref_labels, ref_owners) -> TripletStats:
+        triplets = self.mine_per_image(anchors, anchor_labels, refs, ref_labels, ref_owners)
+        loss = self.loss(anchors, anchor_labels, triplets, refs, ref_labels)
+        with torch.no_grad():
+            a, p, n = image_triplets(anchor_labels, ref_labels, ref_owners)
+            d = self._distances(anchors, refs)
+            active = int((d[a, p] - d[a, n] + self.margin > 0).sum())
+        return TripletStats(loss, len(a), int(triplets[0].numel()), active / max(len(a), 1))
 
 
 class ReferenceBank:
