@@ -230,9 +230,10 @@ class MixDefenseEvaluation(pl.LightningModule):
 
     def _signature(self, x: torch.Tensor, y: torch.Tensor) -> str:
         """What a batch's rows depend on (settings, bundle and baseline files, the batch itself):
-        partial rows of another run or another data split are never reused."""
-        h = hashlib.sha256(json.dumps({k: self.hparams[k] for k in ("bundle", "attacks", "baselines", "seed")}
-                                      | {"frrs": self.frrs}, sort_keys=True, default=str).encode())
+        partial rows of another run or another data split are never reused.  Not the operating
+        points: rows hold margins, and the cut-offs are applied when the report is made."""
+        h = hashlib.sha256(json.dumps({k: self.hparams[k] for k in ("bundle", "attacks", "baselines", "seed")},
+                                      sort_keys=True, default=str).encode())
         h.update(self._files_digest.encode())
         h.update(x.detach().cpu().contiguous().numpy().tobytes())
         h.update(y.detach().cpu().contiguous().numpy().tobytes())

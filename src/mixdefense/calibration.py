@@ -20,18 +20,13 @@ import torch
 from mixdefense.layers.thresholds import or_calibrate
 
 
-@torch.no_grad()
-def predicted_labels(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """The classifier's labels ``[N]`` of images ``x [N, C, H, W]`` in ``[0, 1]``, in batches."""
-    return torch.cat([model(xb).argmax(1).cpu() for xb in x.split(batch_size)])
-
-
 def calibration_record(y: torch.Tensor, pred: torch.Tensor) -> dict:
     """How many calibration images there were and how many of them the classifier got right / wrong."""
     ok = pred == y
     return {"images": len(y), "correctly_classified": int(ok.sum()), "misclassified": int((~ok).sum())}
 
 
+@torch.no_grad()
 def calibrate_composite(detector, x: torch.Tensor, y: torch.Tensor, target_frr: float, batch_size: int = 250) -> dict:
     """Calibrate a :class:`~mixdefense.pipeline.MixDefense` whose last layer is ContraNet.
 
@@ -43,7 +38,7 @@ def calibrate_composite(detector, x: torch.Tensor, y: torch.Tensor, target_frr: 
     Returns the record: counts (:func:`calibration_record`), the earlier layers' rejection of the
     correctly classified images, ContraNet's calibration and the composite's achieved rate.
     """
-    pred = predicted_labels(detector.classifier, x)
+    pred = detector.classifier.predict(x)
     ok = pred == y
     if not ok.any():
         raise ValueError("no calibration image is classified correctly: nothing to calibrate on")
@@ -51,13 +46,15 @@ def calibrate_composite(detector, x: torch.Tensor, y: torch.Tensor, target_frr: 
     *earlier, last = detector.layers
     if not hasattr(last, "calibrate_from_table"):
         raise TypeError(f"the last layer must be ContraNet-like (calibrate_from_table), got {type(last).__name__}")
-    margins = torch.cat([detector.layer_table(xb)[1][:-1].cpu() for xb in xs.split(batch_size)], 1) \
-        if earlier else torch.empty(0, len(ys))
-    prior = (margins > 1).any(0) if earlier else torch.zeros(len(ys), dtype=torch.bool)
-    cal = last.calibrate(xs, ys, target_frr, batch_size=batch_size, rejected=prior)
-    final = torch.cat([detector.layer_table(xb)[1][-1].cpu() for xb in xs.split(batch_size)]) > 1
+    earlier_rejects = {det.name: torch.cat([(det.margin(xb) if det.kind == "pre" else det.margin(xb, yb)).cpu() > 1
+                                            for xb, yb in zip(xs.split(batch_size), ys.split(batch_size))])
+                       for det in earlier}
+    prior = torch.stack(list(earlier_rejects.values())).any(0) if earlier else torch.zeros(len(ys), dtype=torch.bool)
+    parts = last.score_table(xs, ys, batch_size)  # ContraNet scores the images once
+    cal = last.calibrate_from_table(parts, target_frr, rejected=prior)
+    final = torch.stack([parts[s] > t for s, t in zip(cal.scores, cal.thresholds)], 1).any(1)
     return {**calibration_record(y, pred), **cal.as_dict(),
-            "earlier_layers_frr": {det.name: float((margins[i] > 1).double().mean()) for i, det in enumerate(earlier)},
+            "earlier_layers_frr": {name: float(r.double().mean()) for name, r in earlier_rejects.items()},
             "composite_frr": float((final | prior).double().mean())}
 
 

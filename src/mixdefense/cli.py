@@ -36,8 +36,7 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
     ``"test_all"`` the first ``n`` of the whole test set.
     ``image_size`` resizes (every datamodule takes it; None keeps the dataset's default size).
     """
-    x, y, _ = _load_split(dataset, split, n, seed, data_root, image_size)
-    return x, y
+    return _load_split(dataset, split, n, seed, data_root, image_size)
 
 
 def load_calibration_images(dataset: str, split: str, n: int, data_root: str | None = None):
@@ -84,7 +83,7 @@ def _load_split(dataset: str, split: str, n: int | None, seed: int, data_root: s
     else:
         dm.setup("test")
         images, labels = dm.data_test.images[:n], dm.data_test.labels[:n]
-    return images.float() / 255, labels, {"split": split}
+    return images.float() / 255, labels
 
 
 def dataset_names() -> list[str]:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
+from mixdefense.calibration import calibration_record
 from mixdefense.classifiers import load_classifier
 from mixdefense.commands import Data, operating_point
 from mixdefense.io import atomic_write_text
 from mixdefense.layers.magnet import MagNet, load_autoencoder
 from mixdefense.layers.squeezing import FeatureSqueezing
-from mixdefense.calibration import calibration_record, predicted_labels
 
 #: Squeezers per dataset: Xu et al.'s detectors, MNIST 1-bit depth + 2×2 median, CIFAR-10 5-bit depth +
 #: 2×2 median + non-local means 13-3-2 (search window 13, patch 3, h = 2).  GTSRB is not in their paper:
@@ -62,7 +62,7 @@ def calibrate_baselines(dataset: str, parts: Path, data: Data, frr: float, calib
     out_parts = out_parts or parts
     classifier = load_classifier(parts / "classifier.pt")
     x_all, y_all, source = data.load_calibration(dataset, calibration_split, calibration_images)
-    pred = predicted_labels(classifier, x_all)
+    pred = classifier.predict(x_all)
     x_val = x_all[pred == y_all]
     x_test, y_test = data.load_images(dataset, "test", test_images)
     report: dict = {"dataset": dataset, "target_frr": frr, "calibration_images": len(x_val),

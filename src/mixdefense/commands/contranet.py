@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mixdefense.attacks import get_attack, run_attack, run_sweep
+from mixdefense.calibration import calibration_record
 from mixdefense.classifiers import load_classifier
 from mixdefense.commands import Data, operating_point
 from mixdefense.evaluation.curves import correctly_classified, point_metrics, predict
@@ -45,7 +46,6 @@ from mixdefense.io import atomic_write_text
 from mixdefense.layers.contranet import ContraNet, predicted_labels
 from mixdefense.metrics import detection_auroc
 from mixdefense.nets import load_cgan, load_metric
-from mixdefense.calibration import calibration_record
 from mixdefense.triplets import sample_confusable_labels, sample_wrong_labels
 
 LoadImages = Callable[..., tuple[torch.Tensor, torch.Tensor]]

@@ -60,10 +60,11 @@ def deployed_cutoffs(layer_names: Sequence[str], baselines: Sequence[str] = ()) 
     return out
 
 
-def _decide(margins: torch.Tensor, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rejected [N], score [N])`` of margins ``[N, k]`` at cut-offs ``[k]``: score = max_k m / cut."""
-    if margins.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.bool), torch.zeros(0)
+def _decide(margins: torch.Tensor, cut: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rejected [N], score [N])`` of margins ``[N, k]`` at cut-offs ``[k]``: score = max_k m / cut.
+    ``cut=None``: a defense that never rejects (a robust classifier), score 0."""
+    if margins.shape[0] == 0 or cut is None:
+        return torch.zeros(margins.shape[0], dtype=torch.bool), torch.zeros(margins.shape[0])
     cut = cut.float().clamp_min(1e-12)
     return (margins > cut).any(1), (margins / cut).amax(1)
 
@@ -127,7 +128,7 @@ def summarize(ae: torch.Tensor, clean: torch.Tensor, points: list[dict], layer_n
         for b, name in enumerate(baselines):
             sel = bc[bc[:, 0] == b]
             ok = sel[:, 1].bool()
-            rej, score = _decide(sel[:, 2:3], cuts[name]) if name in detectors else                 (torch.zeros(len(sel), dtype=torch.bool), torch.zeros(len(sel)))
+            rej, score = _decide(sel[:, 2:3], cuts[name] if name in detectors else None)
             fixed[name] = (rej[ok], score[ok])
             op[name] = _clean_entry(ok, rej)
         op[UNDEFENDED] = _clean_entry(correct, torch.zeros_like(correct))
@@ -150,7 +151,7 @@ def summarize(ae: torch.Tensor, clean: torch.Tensor, points: list[dict], layer_n
                                   min_successes))
             for b, name in enumerate(baselines):
                 bs = bl[(bl[:, 0] == pid) & (bl[:, 1] == b)] if len(bl) else bl
-                rej, score = _decide(bs[:, 5:6], cuts[name]) if name in detectors else                     (torch.zeros(len(bs), dtype=torch.bool), torch.zeros(len(bs)))
+                rej, score = _decide(bs[:, 5:6], cuts[name] if name in detectors else None)
                 rows.append(point_row(p, name, frr, bs[:, 2].bool(), bs[:, 3].bool(), bs[:, 4], rej, score, *fixed[name],
                                       min_successes, kept_by_aes=name in robust))
     return {"clean": clean_summary, "layers": layer_names, "baselines": baselines, "robust": list(robust),
