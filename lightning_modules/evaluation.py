@@ -49,10 +49,15 @@ same panels as the composite, like the paper's Figures 5 and 6; ``comparison.md`
 
 Resume and reproducibility: every test batch draws its random numbers from
 ``torch.manual_seed(seed + batch index)`` (PGD's random start), so a batch's AEs do not depend
-on the batches before it; its rows are written (atomically) to ``report_dir/partial/`` as soon
-as it is done.  A killed run started again with the same config reuses those batches and
-computes only the rest; the folder is removed once the report is written (``resume: false``
-recomputes everything).
+on the batches before it.  Its rows are written (atomically) as soon as they are done, in two
+kinds of parts: the bundle's (its classifier attacked, every layer and detector baseline scoring
+the AEs) and one per robust classifier (attacked on its own, seeded the same way).  Each part is
+keyed by what it depends on (settings, the contents of its files, the batch), so a killed run
+started again with the same config computes only what is missing, and a run that adds a robust
+classifier (``make compare`` after ``make evaluate``, both with ``partial_dir`` set to the same
+folder) reuses the bundle's parts and attacks only the new classifier.  The default folder,
+``report_dir/partial/``, is removed once the report is written; a ``partial_dir`` given in the
+config is kept (``resume: false`` recomputes everything).
 
 Budgets in the config: L∞ ones in units of 1/255, L2 ones over the whole image in ``[0, 1]``
 pixel units.
@@ -132,12 +137,17 @@ class MixDefenseEvaluation(pl.LightningModule):
         frrs: the operating points: clean false-rejection rates every detector is reported at.
         calibration_images: how many images of the bundle's calibration split set the cut-offs
             (the correctly classified ones among them).
+        partial_dir: where finished batch parts go (default ``report_dir/partial``, removed at the end);
+            runs that share it share their parts (see the module docstring), and it is kept.
+        channels_last: attack the classifiers in channels-last memory format (the same numbers up to
+            float rounding; ~20 % faster convolutions on a CPU).
     """
 
     def __init__(self, bundle: str, attacks: dict[str, dict[str, Any]], min_successes: int = 100,
                  report_dir: str = "results/mixdefense", title: str = "", examples: int = 0,
                  baselines: dict[str, str] | None = None, seed: int = 0, resume: bool = True,
-                 frrs: list[float] | None = None, calibration_images: int = 2000):
+                 frrs: list[float] | None = None, calibration_images: int = 2000, partial_dir: str | None = None,
+                 channels_last: bool = True):
         super().__init__()
         if not Path(bundle).exists():
             raise FileNotFoundError(f"detector bundle not found: {bundle} (make it with `mixdefense bundle --dataset ...`)")
@@ -153,9 +163,12 @@ class MixDefenseEvaluation(pl.LightningModule):
         for b in self.baselines:
             if b.attack_model is not None:
                 b.attack_model.requires_grad_(False)
+        if channels_last:
+            for model in [self.detector.classifier, *(b.attack_model for b in self.baselines if b.attack_model is not None)]:
+                model.to(memory_format=torch.channels_last)
         # the contents (not the dates) of the bundle and baseline files: partial rows survive a git clone
-        self._files_digest = "".join(hashlib.sha256(Path(f).read_bytes()).hexdigest()
-                                     for f in [bundle, *(baselines or {}).values()])
+        self._file_digests = {f: hashlib.sha256(Path(f).read_bytes()).hexdigest()
+                              for f in [bundle, *(baselines or {}).values()]}
         frrs = [0.01, 0.05] if frrs is None else list(frrs)
         if not frrs or any(not 0.0 < f < 1.0 for f in frrs):
             raise ValueError(f"frrs must be a non-empty list of rates in (0, 1), got {frrs}")
@@ -205,43 +218,67 @@ class MixDefenseEvaluation(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         x, y = batch
-        partial, signature = self._partial_path(batch_idx), self._signature(x, y)
-        if self.hparams.resume and partial.exists():
-            done = torch.load(partial, map_location="cpu", weights_only=True)
-            if done.get("signature") == signature:
-                for key, metric in self._metrics().items():
-                    if done[key].numel():
-                        metric.update(done[key].to(self.device))
-                return
-        torch.manual_seed(self.hparams.seed + batch_idx)
-        rows: dict[str, list[torch.Tensor]] = {key: [] for key in self._metrics()}
-        self._attack_batch(x, y, batch_idx, rows)
+        data = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
+        data.update(y.detach().cpu().contiguous().numpy().tobytes())
+        files = self.hparams.baselines or {}
+        detectors = {b.name: files[b.name] for b in self.baselines if b.attack_model is None}
+        parts = [("bundle", {"bundle": self.hparams.bundle, "detector_baselines": detectors},
+                  [self.hparams.bundle, *detectors.values()], lambda rows: self._attack_batch(x, y, batch_idx, rows))]
         for b, baseline in enumerate(self.baselines):
             if baseline.attack_model is not None:
-                self._attack_robust(b, baseline, x, y, rows)
-        tables = {k: torch.cat(v).detach() if v else torch.empty(0) for k, v in rows.items()}
-        for key, metric in self._metrics().items():
+                parts.append((f"robust-{baseline.name}", {"robust": {baseline.name: files[baseline.name]}}, [files[baseline.name]],
+                              lambda rows, b=b, baseline=baseline: self._attack_robust(b, baseline, x, y, rows)))
+        for part, settings, used, compute in parts:
+            signature = self._signature(settings, used, data.hexdigest())
+            path = self._partial_path(batch_idx, f"{part}_{signature[:16]}")  # runs sharing the folder never collide
+            tables = self._load_part(path, signature) if self.hparams.resume else None
+            if tables is None:
+                torch.manual_seed(self.hparams.seed + batch_idx)
+                rows: dict[str, list[torch.Tensor]] = {key: [] for key in self._metrics()}
+                compute(rows)
+                tables = {k: torch.cat(v).detach() if v else torch.empty(0) for k, v in rows.items()}
+                atomic_torch_save({"signature": signature, "baseline_names": [b.name for b in self.baselines],
+                                   **{k: t.cpu() for k, t in tables.items()}}, path)
+            for key, metric in self._metrics().items():
+                if tables[key].numel():
+                    metric.update(tables[key].to(self.device))
+
+    def _load_part(self, path: Path, signature: str) -> dict[str, torch.Tensor] | None:
+        """A finished part's tables, its baseline columns renumbered to this run's baselines (``None``: redo it)."""
+        if not path.exists():
+            return None
+        done = torch.load(path, map_location="cpu", weights_only=True)
+        if done.get("signature") != signature:
+            return None
+        index = {b.name: float(i) for i, b in enumerate(self.baselines)}
+        renumber = torch.tensor([index.get(n, -1.0) for n in done.get("baseline_names", [])] or [-1.0])
+        tables = {k: done[k].clone() for k in self._metrics()}
+        for key, col in (("baseline", 1), ("baseline_clean", 0)):
             if tables[key].numel():
-                metric.update(tables[key])
-        atomic_torch_save({"signature": signature, **{k: t.cpu() for k, t in tables.items()}}, partial)
+                tables[key][:, col] = renumber[tables[key][:, col].long()]
+        return tables
 
     def _metrics(self) -> dict[str, CatMetric]:
         return {"ae": self.ae_rows, "clean": self.clean_rows, "baseline": self.baseline_rows, "baseline_clean": self.baseline_clean_rows}
 
-    def _signature(self, x: torch.Tensor, y: torch.Tensor) -> str:
-        """What a batch's rows depend on (settings, bundle and baseline files, the batch itself):
-        partial rows of another run or another data split are never reused.  Not the operating
-        points: rows hold margins, and the cut-offs are applied when the report is made."""
-        h = hashlib.sha256(json.dumps({k: self.hparams[k] for k in ("bundle", "attacks", "baselines", "seed")},
+    def _signature(self, settings: dict, files: list[str], data: str) -> str:
+        """What a part's rows depend on (the attacks, the seed, the part's own settings, the contents of
+        its files, the batch): rows of another run or another data split are never reused.  Not the
+        operating points: rows hold margins, and the cut-offs are applied when the report is made."""
+        h = hashlib.sha256(json.dumps({"attacks": self.hparams.attacks, "seed": self.hparams.seed, **settings},
                                       sort_keys=True, default=str).encode())
-        h.update(self._files_digest.encode())
-        h.update(x.detach().cpu().contiguous().numpy().tobytes())
-        h.update(y.detach().cpu().contiguous().numpy().tobytes())
+        for f in files:
+            h.update(self._file_digests[f].encode())
+        h.update(data.encode())
         return h.hexdigest()
 
-    def _partial_path(self, batch_idx: int) -> Path:
+    @property
+    def _partial_root(self) -> Path:
+        return Path(self.hparams.partial_dir or Path(self.hparams.report_dir) / "partial")
+
+    def _partial_path(self, batch_idx: int, part: str) -> Path:
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        return Path(self.hparams.report_dir) / "partial" / f"rank{rank}of{world}_batch{batch_idx:05d}.pt"
+        return self._partial_root / f"rank{rank}of{world}_batch{batch_idx:05d}_{part}.pt"
 
     def _attack_progress(self, names, desc: str):
         quiet = not self.trainer.is_global_zero or self.trainer.progress_bar_callback is None
@@ -369,7 +406,8 @@ class MixDefenseEvaluation(pl.LightningModule):
             print(f"wrote {self.hparams.report_dir}/evaluation.json, points.csv, acc_detector_*.png, acc_rc_*.png, "
                   f"detection_rate_*.png" + (", compare_*.png, comparison.md" if self.baselines else "") + f" ({tags})")
             # every process wrote its batches before the rows were gathered: the run is complete
-            shutil.rmtree(Path(self.hparams.report_dir) / "partial", ignore_errors=True)
+            if not self.hparams.partial_dir:  # a folder named in the config is shared with other runs: kept
+                shutil.rmtree(self._partial_root, ignore_errors=True)
 
     def _log_wandb(self, result: dict) -> None:
         for logger in self.loggers:

@@ -250,6 +250,44 @@ def test_a_killed_sweep_resumes_from_the_batches_already_done(mnist_bundle, tmp_
         assert a == pytest.approx(b, nan_ok=True)
 
 
+def test_compare_after_evaluate_reuses_the_bundle_parts(mnist_bundle, tmp_path, data_root, monkeypatch):
+    """`make compare` after `make evaluate` (a shared partial_dir): the bundle's classifier is not attacked
+    again, only the added robust classifier, and every number equals a compare run from scratch."""
+    from lightning_modules.evaluation import MixDefenseEvaluation
+    from mixdefense.layers.squeezing import FeatureSqueezing
+
+    monkeypatch.chdir(tmp_path)
+    clf = load_classifier(REPO / "artifacts/mnist/classifier.pt")
+    x, _ = load_images("mnist", "val", 200, data_root=str(data_root))
+    fs = FeatureSqueezing(["bits:1", "median:2"], clf)
+    fs.calibrate(x, 0.05)
+    fs.save(tmp_path / "fs.pt")
+    attacks = ["--model.init_args.attacks={pgd_linf: {budgets: [32, 64], steps: 3}}"]  # random start: seeds matter
+    evaluate = f"--model.init_args.baselines={{fs: {tmp_path / 'fs.pt'}}}"
+    compare = f"--model.init_args.baselines={{robust: {REPO / 'artifacts/mnist/classifier.pt'}, fs: {tmp_path / 'fs.pt'}}}"
+    shared = f"--model.init_args.partial_dir={tmp_path / 'shared'}"
+    assert main(_test_args(mnist_bundle, tmp_path / "scratch", data_root) + attacks + [compare]) == 0
+    assert not (tmp_path / "scratch/partial").exists()  # the default folder goes with a finished run
+    assert main(_test_args(mnist_bundle, tmp_path / "evaluate", data_root) + attacks + [evaluate, shared]) == 0
+    calls = {"bundle": 0, "robust": 0}
+    for method, key in (("_attack_batch", "bundle"), ("_attack_robust", "robust")):
+        original = getattr(MixDefenseEvaluation, method)
+
+        def counted(self, *args, _original=original, _key=key):
+            calls[_key] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(MixDefenseEvaluation, method, counted)
+    assert main(_test_args(mnist_bundle, tmp_path / "compare", data_root) + attacks + [compare, shared]) == 0
+    assert calls == {"bundle": 0, "robust": 4}  # 4 batches: only the robust classifier was attacked
+    assert len(list((tmp_path / "shared").glob("*_bundle_*.pt"))) == 4  # a named folder is kept
+    scratch = json.loads((tmp_path / "scratch/evaluation.json").read_text())
+    reused = json.loads((tmp_path / "compare/evaluation.json").read_text())
+    assert reused["clean"] == scratch["clean"]
+    assert len(reused["points"]) == len(scratch["points"])
+    for a, b in zip(scratch["points"], reused["points"]):
+        assert a == pytest.approx(b, nan_ok=True)
+
+
 def test_ddp_on_two_cpu_processes_gives_the_same_metrics(mnist_bundle, tmp_path, data_root):
     """strategy=ddp, 2 processes (gloo): every process attacks its shard, the rows are gathered."""
     runs = {}

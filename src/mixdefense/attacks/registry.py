@@ -130,8 +130,9 @@ def _apgd(loss: str):
     return build
 
 
-def _cw(model, eps=None, search_steps=9, steps=120, initial_const=0.1, kappa=0.0, lr=0.1, **_):
-    return CarliniWagnerL2(model, search_steps=search_steps, steps=steps, initial_const=initial_const, kappa=kappa, lr=lr)
+def _cw(model, eps=None, search_steps=9, steps=120, initial_const=0.1, kappa=0.0, lr=0.1, abort_early=True, **_):
+    return CarliniWagnerL2(model, search_steps=search_steps, steps=steps, initial_const=initial_const, kappa=kappa, lr=lr,
+                           abort_early=abort_early)
 
 
 class BatchedDeepFool(Attack):
