@@ -77,7 +77,7 @@ import torch
 from torchmetrics import CatMetric
 from tqdm.auto import tqdm
 
-from mixdefense.attacks import get_attack, perturbation_norm, run_attack, run_sweep
+from mixdefense.attacks import ChannelsLast, get_attack, perturbation_norm, run_attack, run_sweep
 from mixdefense.calibration import margin_cutoffs
 from mixdefense.evaluation.baselines import load_baseline
 from mixdefense.evaluation.sweep import (
@@ -163,9 +163,6 @@ class MixDefenseEvaluation(pl.LightningModule):
         for b in self.baselines:
             if b.attack_model is not None:
                 b.attack_model.requires_grad_(False)
-        if channels_last:
-            for model in [self.detector.classifier, *(b.attack_model for b in self.baselines if b.attack_model is not None)]:
-                model.to(memory_format=torch.channels_last)
         # the contents (not the dates) of the bundle and baseline files: partial rows survive a git clone
         self._file_digests = {f: hashlib.sha256(Path(f).read_bytes()).hexdigest()
                               for f in [bundle, *(baselines or {}).values()]}
@@ -343,6 +340,7 @@ class MixDefenseEvaluation(pl.LightningModule):
                                                             torch.where(within, norm, z), z))
 
     def _make_aes(self, name, model, xa, ya, ids) -> list[torch.Tensor]:
+        model = ChannelsLast(model) if self.hparams.channels_last else model
         with torch.inference_mode(False), torch.enable_grad():
             xs, ys = xa.clone(), ya.clone()  # normal tensors: the attacks need autograd
             if get_attack(name).budgeted:

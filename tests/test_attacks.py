@@ -116,6 +116,25 @@ def test_cw_binary_search_raises_c_until_it_succeeds(data_root):
     assert 0 <= searched.min() and searched.max() <= 1
 
 
+@pytest.mark.parametrize("name", ["pgd_l2", "pgd_linf", "fgm", "bim_l2", "deepfool", "cw", "apgd_ce"])
+def test_channels_last_wrapper_gives_the_same_aes(batch, name):
+    """Attacks through :class:`ChannelsLast` (an RGB ResNet, where the format matters) give the AEs of the plain
+    model up to float rounding; the input gradient comes back NCHW (torchattacks' L2 steps ``.view`` it)."""
+    from mixdefense.attacks import ChannelsLast
+
+    torch.manual_seed(0)
+    net = Classifier("resnet_small", 10, 3, 16, dataset="cifar10",
+                     arch_kwargs={"blocks": [1, 1, 1], "widths": [8, 8, 8]}).eval()
+    x, y = torch.rand(4, 3, 16, 16), torch.arange(4)
+    eps = None if not ATTACKS[name].budgeted else (8 / 255 if ATTACKS[name].norm == "linf" else 0.5)
+    kwargs = {"search_steps": 2, "steps": 10} if name == "cw" else {"steps": 5} if name != "fgm" else {}
+    torch.manual_seed(1)
+    plain = run_attack(name, net, x, y, eps, **kwargs)
+    torch.manual_seed(1)
+    wrapped = run_attack(name, ChannelsLast(net), x, y, eps, **kwargs)
+    assert torch.allclose(plain, wrapped, atol=1e-4)
+
+
 @pytest.mark.data
 def test_cw_early_abort_stops_each_image_on_its_own(data_root):
     """Per-image early abort: stalled images leave the batch (the model sees fewer images as a search step

@@ -9,6 +9,7 @@ from mixdefense.attacks.registry import (
     ATTACKS,
     AttackSpec,
     BatchedDeepFool,
+    ChannelsLast,
     fgm_sweep,
     fgsm_sweep,
     get_attack,
@@ -17,5 +18,5 @@ from mixdefense.attacks.registry import (
     run_sweep,
 )
 
-__all__ = ["ATTACKS", "AttackSpec", "BatchedDeepFool", "CarliniWagnerL2", "Restarts", "fgm_sweep", "fgsm_sweep",
+__all__ = ["ATTACKS", "AttackSpec", "BatchedDeepFool", "CarliniWagnerL2", "ChannelsLast", "Restarts", "fgm_sweep", "fgsm_sweep",
            "get_attack", "perturbation_norm", "run_attack", "run_sweep"]
