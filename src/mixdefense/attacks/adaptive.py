@@ -224,14 +224,17 @@ class PipelineObjective:
 
     Pre-classifier layers must be :class:`SAEC` (replaced by :class:`SoftSAEC` for gradients);
     post-classifier layers need a differentiable ``margin(x, y)`` (ContraNet's is).
+    ``differentiable=False`` builds no surrogate and accepts any pre layer: :meth:`verdict` still
+    works (the gradient-free attacks of :mod:`mixdefense.attacks.gradient_free` use only it),
+    :meth:`terms` then refuses pre layers.
     """
 
-    def __init__(self, detector: nn.Module, temperature: float = 0.05):
+    def __init__(self, detector: nn.Module, temperature: float = 0.05, differentiable: bool = True):
         self.classifier = detector.classifier.eval()
         self.layers = list(detector.layers)
         self.surrogates: dict[str, nn.Module] = {}
         for layer in self.layers:
-            if layer.kind == "pre":
+            if layer.kind == "pre" and differentiable:
                 if not isinstance(layer, SAEC):
                     raise TypeError(f"no differentiable surrogate for pre-classifier layer {layer.name!r} ({type(layer).__name__})")
                 self.surrogates[layer.name] = SoftSAEC(layer, temperature)
@@ -253,6 +256,8 @@ class PipelineObjective:
             if layer.name not in layers:
                 continue
             if layer.kind == "pre":
+                if layer.name not in self.surrogates:
+                    raise RuntimeError(f"no surrogate for pre layer {layer.name!r}: built with differentiable=False")
                 m = self.surrogates[layer.name].margin(x)
             else:
                 m = layer.margin(x, t)

@@ -8,7 +8,16 @@ with a random wrong target label ``t`` (seeded), for every budget ``ε`` of ``--
 * ``adaptive`` — the full white-box attack :func:`mixdefense.attacks.adaptive.adaptive_pgd` with the
   ``(λ, μ)`` that fooled the whole pipeline most often in a sweep over ``--lambdas`` ×
   ``--mus`` on the first ``--sweep-images`` images (chosen per ε; the sweep is reported too);
-* ``orthogonal`` (and ``selective`` when asked) — :func:`mixdefense.attacks.adaptive.orthogonal_pgd`.
+* ``orthogonal`` (and ``selective`` when asked) — :func:`mixdefense.attacks.adaptive.orthogonal_pgd`;
+* ``square`` and ``hopskipjump`` (when asked) — gradient-free attacks on the whole pipeline
+  (:mod:`mixdefense.attacks.gradient_free`), the check that no gradient is masked (SAEC's
+  histogram threshold, the ``argmax``): ``square`` is the score-based Square attack on the
+  classifier's target margin plus a penalty per rejecting layer, run at every ε with
+  ``--queries`` queries per image; ``hopskipjump`` is decision-based, on the accept-as-``t``
+  oracle alone, started from loaded test images the pipeline accepts as ``t``, run once
+  (minimum-norm, ``--queries`` per image): at ε an image is broken iff its AE has norm ``≤ ε``.
+
+Every row names its attack ``family``, its ``threat_model`` and (gradient-free rows) its ``settings``.
 
 Success rates (over all attacked images): against the classifier alone (``f(x_adv) = t``),
 against each layer alone (``= t`` and that layer accepts), and against the whole MixDefense
@@ -47,6 +56,7 @@ from mixdefense.attacks.adaptive import (
     reconstruction_distance,
     support_mask,
 )
+from mixdefense.attacks.gradient_free import PipelineQueries, hop_skip_jump, square_attack, within_budget
 from mixdefense.calibration import calibration_record
 from mixdefense.commands import Data, operating_point
 from mixdefense.evaluation.curves import correctly_classified
@@ -66,6 +76,15 @@ DEFAULTS = {
 CASE_EPS = [0.01, 0.03, 0.05, 0.1]  # §6 (a), paper: 0.01–0.1
 LATENT_EPS = [0.05, 0.1, 0.2, 0.3]  # §6 (b), paper: 0.05–0.3
 RATE_KEYS = ("classifier", "saec", "contranet", "mixdefense")
+GRADIENT_FREE = ("square", "hopskipjump")
+THREAT_MODELS = {
+    "pgd": "non-adaptive (targeted PGD on the classifier alone)",
+    "adaptive": "adaptive attacker (white-box, whole pipeline)",
+    "orthogonal": "adaptive attacker (white-box, whole pipeline)",
+    "selective": "adaptive attacker (white-box, whole pipeline)",
+    "square": "adaptive attacker (gradient-free, whole pipeline)",
+    "hopskipjump": "adaptive attacker (gradient-free, whole pipeline)",
+}
 
 
 def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
@@ -86,7 +105,13 @@ def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
     ap.add_argument("--support-dilation", type=int, default=None,
                     help="adaptive attacks perturb only pixels within this many px of non-zero content (-1: everywhere; default per dataset)")
     ap.add_argument("--attacks", nargs="+", default=["pgd", "adaptive", "orthogonal"],
-                    choices=["pgd", "adaptive", "orthogonal", "selective"])
+                    choices=["pgd", "adaptive", "orthogonal", "selective", *GRADIENT_FREE])
+    ap.add_argument("--queries", type=int, default=1000, help="gradient-free attacks: queries per image (square: per ε and restart)")
+    ap.add_argument("--restarts", type=int, default=1, help="square: restarts")
+    ap.add_argument("--square-p-init", type=float, default=0.8, help="square: initial fraction of the image a square covers")
+    ap.add_argument("--square-lam", type=float, default=1.0, help="square: weight of the rejecting layers' penalty (hinge at --kappa)")
+    ap.add_argument("--hsj-candidates", type=int, default=200,
+                    help="hopskipjump: nearest loaded test images tried as starts per image (queries of the budget)")
     ap.add_argument("--contranet-frr", type=float, default=0.05, help="ContraNet's clean false-rejection rate (recalibrated if needed)")
     ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for the recalibration")
     ap.add_argument("--calibration-split", choices=("val", "test_calibration"), default=None,
@@ -109,6 +134,8 @@ def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
     args.out = Path(args.out or f"results/{args.dataset}/adaptive")
     if args.num_images < 1 or args.sweep_images < 1 or args.steps < 1:
         ap.error("--num-images, --sweep-images and --steps must be >= 1")
+    if args.queries < 1 or args.restarts < 1 or args.hsj_candidates < 1 or not 0 < args.square_p_init <= 1 or args.square_lam < 0:
+        ap.error("--queries, --restarts, --hsj-candidates must be >= 1, --square-p-init in (0, 1], --square-lam >= 0")
     if args.case_steps < 2:
         ap.error("--case-steps must be >= 2 (the one-step attack is always run as the paper's FGSM)")
     return args
@@ -183,6 +210,55 @@ def run_attack(kind: str, objective, x, t, eps, args, mask, lam=0.0, mu=0.0, pro
     if kind == "adaptive":
         return adaptive_pgd(objective, x, t, lam=lam, mu=mu, select="pipeline", mask=mask, **common).x_adv
     return orthogonal_pgd(objective, x, t, mode=kind, mask=mask, **common).x_adv
+
+
+def gradient_free_settings(kind: str, args: argparse.Namespace) -> dict:
+    """The settings a gradient-free row records (the attack's own, beside the row's norm and ε)."""
+    if kind == "square":
+        return {"queries_per_image": args.queries, "restarts": args.restarts, "p_init": args.square_p_init,
+                "loss": "max(target margin, 0) + lam * sum_layers relu(log margin + kappa)", "lam": args.square_lam,
+                "kappa": args.kappa, "support_mask": args.support_dilation >= 0, "seed": args.seed,
+                "success": "the pipeline's deployed decision: every layer accepts and the label is t"}
+    return {"queries_per_image": args.queries, "start": f"nearest accepted-as-t image among the {args.hsj_candidates} "
+            "nearest loaded test images", "gamma": 1.0, "init_evals": 100, "seed": args.seed,
+            "oracle": "accepted by every layer and labelled t (decisions only)",
+            "budget_rule": "one minimum-norm run; broken at eps iff its AE has norm <= eps"}
+
+
+def run_square(objective: PipelineObjective, x: torch.Tensor, t: torch.Tensor, eps: float, args, mask, progress: bool):
+    """Targeted Square attack on the whole pipeline at ``eps`` (:func:`mixdefense.attacks.gradient_free.square_attack`)."""
+    queries = PipelineQueries(objective, t, targeted=True, kappa=args.kappa, lam=args.square_lam)
+    return square_attack(queries.score, x, norm=args.norm, eps=eps, n_queries=args.queries, p_init=args.square_p_init,
+                         restarts=args.restarts, mask=mask, generator=torch.Generator().manual_seed(args.seed),
+                         progress=progress)
+
+
+def run_hopskipjump(objective: PipelineObjective, x: torch.Tensor, t: torch.Tensor, pool: torch.Tensor, args, progress: bool):
+    """Targeted HopSkipJump on the accept-as-``t`` oracle, started from ``pool`` images (one minimum-norm run)."""
+    queries = PipelineQueries(objective, t, targeted=True)
+    return hop_skip_jump(queries.is_adversarial, x, pool, norm=args.norm, max_queries=args.queries,
+                         start_candidates=args.hsj_candidates, generator=torch.Generator().manual_seed(args.seed),
+                         progress=progress)
+
+
+def gradient_free_attack(attack: str, objective: PipelineObjective, x: torch.Tensor, t: torch.Tensor, eps: float, args,
+                         mask, pool: torch.Tensor, cache: dict, progress: bool) -> tuple[torch.Tensor, dict]:
+    """``(x_adv [B, C, H, W], the row's extra fields)`` of a gradient-free family at ``eps``.  HopSkipJump runs
+    once (kept in ``cache``) and each ε takes the AEs within it (:func:`~mixdefense.attacks.gradient_free.within_budget`)."""
+    if attack == "square":
+        res = run_square(objective, x, t, eps, args, mask, progress)
+        return res.x_adv, {"settings": gradient_free_settings(attack, args), "attack_success": res.success.float().mean().item(),
+                           "mean_queries": res.queries.float().mean().item()}
+    if "result" not in cache:
+        start = time.perf_counter()
+        cache["result"] = run_hopskipjump(objective, x, t, pool, args, progress)
+        cache["seconds"] = round(time.perf_counter() - start, 2)
+    hsj = cache["result"]
+    found = hsj.norms[hsj.success]
+    return within_budget(hsj, x, eps), {
+        "settings": {**gradient_free_settings(attack, args), "run_seconds": cache["seconds"]},
+        "attack_success": (hsj.success & (hsj.norms <= eps)).float().mean().item(), "found": hsj.success.float().mean().item(),
+        "median_norm": found.median().item() if found.numel() else None, "mean_queries": hsj.queries.float().mean().item()}
 
 
 def sweep(objective, x, t, args, mask, progress) -> list[dict]:
@@ -293,7 +369,8 @@ def plot_success(rows: list[dict], path: Path, title: str, norm: str) -> Path:
         else (1.0, "ε (L2, whole image)")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), sharey=True)
     styles = {"pgd": ("non-adaptive targeted PGD", "o", "--"), "adaptive": ("full adaptive (best λ, μ)", "s", "-"),
-              "orthogonal": ("Orthogonal PGD", "^", "-"), "selective": ("Selective PGD", "v", ":")}
+              "orthogonal": ("Orthogonal PGD", "^", "-"), "selective": ("Selective PGD", "v", ":"),
+              "square": ("Square (gradient-free)", "D", "-."), "hopskipjump": ("HopSkipJump (decisions only)", "x", "-.")}
     for ax, (key, name) in zip(axes, panels):
         for attack, (label, marker, ls) in styles.items():
             pts = sorted((r for r in rows if r["attack"] == attack), key=lambda r: r["eps"])
@@ -314,7 +391,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys)
     w.writeheader()
-    w.writerows(rows)
+    w.writerows({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()} for r in rows)
     atomic_write_text(path, buf.getvalue())
 
 
@@ -362,15 +439,22 @@ def main(argv: list[str], data: Data) -> int:
         sweep_rows = sweep(objective, x[:n], t[:n], args, mask[:n] if mask is not None else None, progress)
         best = best_weights(sweep_rows)
         wall["sweep_s"] = time.perf_counter() - t1
+    hsj_cache: dict = {}
     for attack in args.attacks:
         t1 = time.perf_counter()
         for eps in args.eps:
             start = time.perf_counter()
-            lam, mu = best.get(eps, (0.0, 0.0)) if attack == "adaptive" else (0.0, 0.0)
-            x_adv = run_attack(attack, objective, x, t, eps, args, mask, lam, mu, progress)
-            rows.append({"attack": attack, "norm": args.norm, "eps": eps, "lam": lam, "mu": mu, "images": len(y),
-                         **rates(objective, x_adv, t), "max_norm": perturbation_norm(x_adv, x, args.norm).max().item(),
-                         "seconds": round(time.perf_counter() - start, 2)})
+            head = {"attack": attack, "family": attack, "threat_model": THREAT_MODELS[attack], "norm": args.norm, "eps": eps}
+            extra: dict = {}
+            if attack in GRADIENT_FREE:
+                x_adv, extra = gradient_free_attack(attack, objective, x, t, eps, args, mask, x_all, hsj_cache, progress)
+            else:
+                lam, mu = best.get(eps, (0.0, 0.0)) if attack == "adaptive" else (0.0, 0.0)
+                x_adv = run_attack(attack, objective, x, t, eps, args, mask, lam, mu, progress)
+                head.update(lam=lam, mu=mu)
+            rows.append({**head, "images": len(y), **rates(objective, x_adv, t),
+                         "max_norm": perturbation_norm(x_adv, x, args.norm).max().item(),
+                         "seconds": round(time.perf_counter() - start, 2), **extra})
             r = rows[-1]
             print(f"  {attack} ε={eps:.4g}: classifier {r['classifier']:.3f} saec {r['saec']:.3f} contranet {r['contranet']:.3f} "
                   f"MixDefense {r['mixdefense']:.3f} ({r['seconds']:.1f}s)", flush=True)
