@@ -4,6 +4,9 @@
   on AEs), saves the layer (``output.layer``) and writes a report — JSON with the
   threshold, the rates it achieved, the settings and the clean false-rejection rate on
   the test images, and a PNG of the clean/noisy score histograms with the threshold.
+  ``saec.luminance=true`` adds the luminance test (channel-tied noise, issue 23): the
+  thresholds of both tests are set jointly, the clean budget bounding their OR, and the
+  report gains a ``luminance`` record (MixDefense+; see :mod:`mixdefense.layers.luminance`).
 * ``evaluate``: the SAEC curves against attacks — detection rate of successful AEs and
   ``Acc_detector`` (eq. 7, half and half) over ε for FGSM, BIM (L∞) and FGM, BIM (L2) on
   test images the classifier gets right; JSON, CSV and PNG.
@@ -36,6 +39,8 @@ from mixdefense.layers.saec import SAEC
 
 LoadImages = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 REQUIRED = ("dataset", "saec", "calibration", "output")
+#: the ``saec:`` keys (SAEC's constructor arguments); ``luminance: true`` adds the luminance test (MixDefense+)
+SAEC_SETTINGS = {"p", "kernel", "bins", "value_range", "gray_mode", "luminance", "luminance_fraction"}
 
 
 def load_config(path: str, overrides: list[str]):
@@ -46,7 +51,7 @@ def load_config(path: str, overrides: list[str]):
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise ValueError(f"{path}: missing section(s) {missing}")
-    unknown = set(cfg.saec) - {"p", "kernel", "bins", "value_range", "gray_mode"}
+    unknown = set(cfg.saec) - SAEC_SETTINGS
     if unknown:
         raise ValueError(f"{path}: unknown saec setting(s) {sorted(unknown)}")
     return OmegaConf.to_container(cfg, resolve=True)
@@ -78,8 +83,11 @@ def calibrate(cfg: dict, load_images: LoadImages) -> dict:
         cal.threshold, report_dir / "saec_calibration.png", xlabel="noise-level score NL (reject below the threshold)",
         title=f"SAEC on {cfg['dataset']}: threshold at ≤{c['max_clean_rejection']:.0%} clean rejection",
     )
+    rule = "reject when NL < threshold"
     report = {"dataset": cfg["dataset"], "settings": saec.settings(), "calibration": cal.as_dict(),
-              "rule": "reject when NL < threshold", "test_clean_rejection_rate": test_frr,
+              "rule": rule + (" or a luminance statistic > its threshold" if saec.luminance else ""),
+              **({"luminance": saec.luminance_calibration().as_dict()} if saec.luminance else {}),
+              "test_clean_rejection_rate": test_frr,
               "num_test_images": len(x_test), "calibration_seconds": seconds, "layer": str(layer), "figure": str(png)}
     atomic_write_text(report_dir / "saec_calibration.json", json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
@@ -98,6 +106,8 @@ def evaluate(cfg: dict, load_images: LoadImages) -> list[dict]:
     x, y = correctly_classified(model, x, y, e["num_images"])
 
     def detector(imgs: torch.Tensor):
+        if saec.luminance:  # both tests: the layer's verdict and its margin (> 1 = rejected)
+            return saec(imgs), saec.margin(imgs)
         s = saec.score(imgs)
         return s < saec.threshold, -s  # larger = more adversarial
 

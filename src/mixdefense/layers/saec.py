@@ -32,6 +32,19 @@ eq. 1's idea — deviation from a local reference that suppresses smooth content
 the only axis a grayscale image has.  ``gray_mode="identity"`` (``x_sat = x``, i.e. plain
 steganalysis on intensities) is the alternative; ``benchmarks/saec_ablation.py`` compares
 them on clean versus uniform-noise MNIST only (never on attacks).
+
+**Optional luminance test** (``luminance=True``; off by default, and then SAEC is exactly the
+paper's layer: same buffers, same scores, same files).  Eq. 1 subtracts the channel mean, so a
+perturbation equal in R, G and B ("channel-tied") is invisible to it.  The option adds the
+luminance statistics of :mod:`mixdefense.layers.luminance` (a PCA noise level, a flat-region
+Haar noise level and the speckle of clipped noise, all on the channel mean): the input is
+rejected when ``NL < threshold`` **or** any luminance statistic exceeds its own threshold.
+:meth:`SAEC.calibrate` then sets the four thresholds jointly
+(:func:`~mixdefense.layers.luminance.allocate_thresholds`): the clean budget
+``max_clean_rejection`` bounds the OR (for fresh images:
+:func:`~mixdefense.layers.luminance.clean_budget`), and it is spent where it buys the most
+detection of uniform-noise copies, half independent per channel (the paper's) and half
+channel-tied.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mixdefense.layers import luminance as lum
 from mixdefense.layers.base import DetectorLayer, register_layer
 from mixdefense.metrics import detection_auroc
 from mixdefense.validation import check_images
@@ -133,6 +147,44 @@ class Calibration:
         return dict(self.__dict__)
 
 
+@dataclass
+class CalibrationScores:
+    """What :meth:`SAEC.calibration_scores` measured: NL of the clean images ``[N]`` and of their
+    noisy copies ``[N]`` (float64), the noise amplitude range, and with the luminance test a dict of
+    ``clean_lum``, ``noisy_lum``, ``tied_lum`` (``[N, 3]`` statistics) and ``tied`` (``[N]`` NL of
+    the channel-tied copies); ``None`` without it."""
+
+    clean: torch.Tensor
+    noisy: torch.Tensor
+    noise_min: float
+    noise_max: float
+    luminance: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class LuminanceCalibration:
+    """The joint calibration of SAEC's two tests (``luminance=True``); rates in [0, 1].
+
+    ``thresholds`` maps each luminance statistic (:data:`~mixdefense.layers.luminance.STATISTICS`)
+    to its cut (reject above it; ``inf``: the statistic is off); ``clean_rejections`` maps
+    ``"paper"`` and each statistic to the clean calibration images its cut rejects on its own
+    (``-1``: off).  The rates are those of the OR (the whole layer) on the calibration images and
+    their noisy copies.  :meth:`as_dict` writes an off cut as ``None`` (plain JSON).
+    """
+
+    thresholds: dict[str, float]
+    clean_rejections: dict[str, int]
+    clean_rejection_rate: float
+    noisy_detection_rate: float
+    tied_detection_rate: float
+    max_clean_rejection: float
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+        out["thresholds"] = {k: (None if math.isinf(v) else v) for k, v in self.thresholds.items()}
+        return out
+
+
 @register_layer
 class SAEC(DetectorLayer):
     """The LP-defense layer: rejects inputs whose noise-level score is below a threshold.
@@ -144,9 +196,12 @@ class SAEC(DetectorLayer):
         value_range: the histogram covers ``[-value_range, value_range]`` (residual units,
             i.e. [0, 1] pixel scale times the kernel's gain).
         gray_mode: what SAEC computes for one-channel images (module docstring).
+        luminance: add the luminance test (module docstring); ``False`` is the paper's SAEC.
+        luminance_fraction: share in ``(0, 1]`` of the 2×2 blocks the flat-region statistic
+            uses (:func:`~mixdefense.layers.luminance.flat_noise_level`); only with ``luminance``.
 
     ``score(x) -> [B]`` noise-level scores (smaller = noisier); ``forward(x) -> bool [B]``,
-    True = rejected (``score < threshold``).  The threshold is ``nan`` until
+    True = rejected (``score < threshold``, or, with ``luminance``, a luminance statistic above its cut).  The threshold is ``nan`` until
     :meth:`calibrate` runs (or a calibrated ``state_dict`` is loaded); ``forward`` then raises.
     All settings and the calibration live in buffers and round-trip through ``state_dict``.
     """
@@ -155,7 +210,8 @@ class SAEC(DetectorLayer):
     file_format = "mixdefense.saec/1"
     kind = "pre"  # sees the input before the classifier does
 
-    def __init__(self, p: float = 8.0, kernel: str = "kv", bins: int = 64, value_range: float = 0.25, gray_mode: str = "local_mean"):
+    def __init__(self, p: float = 8.0, kernel: str = "kv", bins: int = 64, value_range: float = 0.25, gray_mode: str = "local_mean",
+                 luminance: bool = False, luminance_fraction: float = 0.1):
         super().__init__()
         if p <= 0:
             raise ValueError(f"p must be > 0, got {p}")
@@ -175,12 +231,43 @@ class SAEC(DetectorLayer):
         #: -1: reject when score < threshold (derived in the module docstring; never flipped).
         self.register_buffer("direction", torch.tensor(-1))
         self.register_buffer("calibration_stats", torch.full((8,), float("nan")))
+        if not isinstance(luminance, bool):
+            raise ValueError(f"luminance must be True or False, got {luminance!r}")
+        if luminance:
+            self._add_luminance(luminance_fraction)
+
+    # -- the optional luminance test ------------------------------------------------------
+    #: its buffers (registered only when the option is on, so the paper's state_dict is unchanged)
+    LUMINANCE_BUFFERS = ("luminance_fraction", "luminance_thresholds", "luminance_stats")
+
+    def _add_luminance(self, fraction: float) -> None:
+        if not 0.0 < float(fraction) <= 1.0:
+            raise ValueError(f"luminance_fraction must be in (0, 1], got {fraction}")
+        self.register_buffer("luminance_fraction", torch.tensor(float(fraction)))
+        self.register_buffer("luminance_thresholds", torch.full((len(lum.STATISTICS),), float("nan")))
+        #: [OR clean rate, OR noisy rate, OR tied rate, max clean rejection, k_paper, k_global, k_flat, k_speckle]
+        #: (k: calibration images a cut rejects alone, -1 = off)
+        self.register_buffer("luminance_stats", torch.full((8,), float("nan")))
+
+    def _drop_luminance(self) -> None:
+        for name in self.LUMINANCE_BUFFERS:
+            delattr(self, name)
+
+    @property
+    def luminance(self) -> bool:
+        """Whether the luminance test is on."""
+        return hasattr(self, "luminance_thresholds")
 
     # -- state -------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         kernel = state_dict.get(prefix + "kernel")
         if kernel is not None and kernel.shape != self.kernel.shape:
             self.kernel = torch.empty_like(kernel)  # the saved layer may use another kernel size
+        saved_luminance = prefix + "luminance_thresholds" in state_dict
+        if saved_luminance and not self.luminance:
+            self._add_luminance(0.1)  # the saved value replaces 0.1 below
+        elif self.luminance and not saved_luminance:
+            self._drop_luminance()  # a paper SAEC's state (every file written before the option existed)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.gray_mode = "local_mean" if bool(self.gray_local_mean) else "identity"
         k = self.kernel.squeeze()
@@ -188,11 +275,27 @@ class SAEC(DetectorLayer):
 
     @property
     def calibrated(self) -> bool:
+        if self.luminance and bool(torch.isnan(self.luminance_thresholds).any()):
+            return False
         return not bool(torch.isnan(self.threshold))
 
     def settings(self) -> dict[str, object]:
-        return {"p": float(self.p), "kernel": self.kernel_name, "bins": int(self.bins),
-                "value_range": float(self.value_range), "gray_mode": self.gray_mode}
+        """The constructor's arguments; the luminance keys only when the option is on (a paper SAEC's
+        settings, and so its file, are what they were before the option existed)."""
+        out: dict[str, object] = {"p": float(self.p), "kernel": self.kernel_name, "bins": int(self.bins),
+                                  "value_range": float(self.value_range), "gray_mode": self.gray_mode}
+        if self.luminance:
+            out.update(luminance=True, luminance_fraction=float(self.luminance_fraction))
+        return out
+
+    def luminance_calibration(self) -> LuminanceCalibration | None:
+        """The joint calibration of the two tests (``None`` without the option or before calibration)."""
+        if not self.luminance or bool(torch.isnan(self.luminance_thresholds).any()):
+            return None
+        s = self.luminance_stats.tolist()
+        names = ("paper", *lum.STATISTICS)
+        return LuminanceCalibration(dict(zip(lum.STATISTICS, self.luminance_thresholds.tolist())),
+                                    {n: int(k) for n, k in zip(names, s[4:])}, s[0], s[1], s[2], s[3])
 
     def calibration(self) -> Calibration | None:
         if not self.calibrated:
@@ -225,7 +328,8 @@ class SAEC(DetectorLayer):
     def check_input(self, x: object, name: str = "x") -> torch.Tensor:
         """Validate images for SAEC: ``[B, C, H, W]`` float in ``[0, 1]``, ``C ∈ {1, 3}``, and ``H, W`` at
         least the high-pass kernel's side (a valid convolution of a smaller image is empty)."""
-        return check_images(x, channels=(1, 3), min_size=int(self.kernel.shape[-1]), name=name)
+        side = max(int(self.kernel.shape[-1]), lum.MIN_SIZE if self.luminance else 1)
+        return check_images(x, channels=(1, 3), min_size=side, name=name)
 
     def score(self, x: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
         """Noise-level scores ``[B]`` (eq. 2) of images ``x [B, C, H, W]`` in [0, 1], C ∈ {1, 3}."""
@@ -235,18 +339,42 @@ class SAEC(DetectorLayer):
             h = self.histogram(x.float())
             return h.var(dim=1, unbiased=False)  # (1/L) Σ (H[i] − μ)²
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``True`` where the input is rejected as perturbed, ``[B]`` bool."""
+    def luminance_scores(self, x: torch.Tensor, *, validate: bool = True) -> torch.Tensor:
+        """The luminance statistics ``[B, 3]`` (columns :data:`~mixdefense.layers.luminance.STATISTICS`,
+        larger = noisier) of images ``x [B, C, H, W]`` in [0, 1]; only with ``luminance=True``."""
+        if not self.luminance:
+            raise RuntimeError("this SAEC has no luminance test (construct it with luminance=True)")
+        if validate:
+            self.check_input(x)
+        with torch.no_grad():
+            return lum.luminance_statistics(x.float(), float(self.luminance_fraction))
+
+    def _luminance_margin(self, x: torch.Tensor) -> torch.Tensor:
+        """``max_i s_i / t_i`` ``[B]`` over the luminance statistics: ``> 1`` exactly where one exceeds its cut."""
+        t = self.luminance_thresholds.to(torch.float64).clamp_min(torch.finfo(torch.float32).tiny)
+        return (self.luminance_scores(x, validate=False).double() / t).max(dim=1).values.float()
+
+    def _require_calibrated(self) -> None:
         if not self.calibrated:
             raise RuntimeError("SAEC is not calibrated: call calibrate(...) or load a calibrated state_dict")
-        return self.score(x) < self.threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``True`` where the input is rejected as perturbed, ``[B]`` bool."""
+        self._require_calibrated()
+        rejected = self.score(x) < self.threshold
+        if self.luminance:
+            rejected |= self._luminance_margin(x) > 1
+        return rejected
 
     def margin(self, x: torch.Tensor) -> torch.Tensor:
         """``threshold / NL`` ``[B]``: ``> 1`` exactly where the input is rejected (a score for ROC curves
-        that composes with other layers' margins)."""
-        if not self.calibrated:
-            raise RuntimeError("SAEC is not calibrated: call calibrate(...) or load a calibrated state_dict")
-        return self.threshold / self.score(x).clamp_min(torch.finfo(torch.float32).tiny)
+        that composes with other layers' margins).  With the luminance test: the larger of that and
+        ``max_i s_i / t_i`` over the luminance statistics."""
+        self._require_calibrated()
+        paper = self.threshold / self.score(x).clamp_min(torch.finfo(torch.float32).tiny)
+        if self.luminance:
+            paper = torch.maximum(paper, self._luminance_margin(x))
+        return paper
 
     # -- calibration (paper §5.3) ---------------------------------------------------------
     @torch.no_grad()
@@ -266,6 +394,19 @@ class SAEC(DetectorLayer):
         the thresholds whose clean false-rejection rate is ``≤ max_clean_rejection``, the one
         that maximises ``noisy detection − clean rejection`` is kept.
 
+        With the luminance test, each clean image also gets a channel-tied copy
+        ``clip(x + u·1, 0, 1)`` (one ``u [H, W]`` for all channels, amplitude drawn the same
+        way, from a second generator seeded ``seed + 1`` so the paper's copies are unchanged).
+        The paper's threshold and the three luminance cuts are then set jointly
+        (:func:`~mixdefense.layers.luminance.allocate_thresholds`): the clean images the OR
+        rejects plus one per active cut stay within ``⌊max_clean_rejection · (N + 1)⌋``
+        (:func:`~mixdefense.layers.luminance.clean_budget`: so that a fresh clean image, not just
+        a calibration one, is rejected at most at the bound), spent where the OR catches the most
+        noisy copies of both kinds; a luminance statistic that catches nothing more stays off
+        (threshold ``inf``).  The paper's test is always on.  The returned :class:`Calibration` is the
+        paper test's own record at its joint threshold (AUROC unchanged);
+        :meth:`luminance_calibration` has the OR's.
+
         Args:
             clean: a tensor ``[N, C, H, W]`` in [0, 1] or an iterable of such batches or of
                 ``(images, labels)`` pairs (a DataLoader).
@@ -274,6 +415,16 @@ class SAEC(DetectorLayer):
         """
         if not 0.0 <= max_clean_rejection < 1.0:
             raise ValueError(f"max_clean_rejection must be in [0, 1), got {max_clean_rejection}")
+        scores = self.calibration_scores(clean, noise, max_images=max_images, seed=seed, batch_size=batch_size)
+        return self.calibrate_from_scores(scores, max_clean_rejection)
+
+    @torch.no_grad()
+    def calibration_scores(self, clean: torch.Tensor | Iterable, noise: tuple[float, float] = (4 / 255, 64 / 255),
+                           max_images: int | None = 10000, seed: int = 0, batch_size: int = 1000) -> CalibrationScores:
+        """The scores :meth:`calibrate` chooses from (same arguments): the clean images and their
+        noisy copies under NL and, with the luminance test, under its statistics.  Scoring once
+        and calling :meth:`calibrate_from_scores` per clean budget gives what :meth:`calibrate`
+        gives for each budget."""
         lo_a, hi_a = float(noise[0]), float(noise[1])
         if not 0.0 < lo_a <= hi_a:
             raise ValueError(f"noise amplitudes must satisfy 0 < min <= max, got {noise}")
@@ -283,7 +434,9 @@ class SAEC(DetectorLayer):
             raise ValueError(f"clean: expected a torch.Tensor [N, C, H, W] in [0, 1] or an iterable of such batches, "
                              f"got {type(clean).__name__}")
         gen = torch.Generator().manual_seed(seed)
+        tied_gen = torch.Generator().manual_seed(seed + 1) if self.luminance else None
         clean_scores, noisy_scores, seen = [], [], 0
+        extra: dict[str, list[torch.Tensor]] = {"clean_lum": [], "noisy_lum": [], "tied": [], "tied_lum": []}
         batches = clean.split(batch_size) if isinstance(clean, torch.Tensor) else clean
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
@@ -297,12 +450,24 @@ class SAEC(DetectorLayer):
             noisy = (x + (2 * torch.rand(x.shape, generator=gen) - 1) * amp).clamp(0, 1)
             clean_scores.append(self.score(x, validate=False))
             noisy_scores.append(self.score(noisy, validate=False))
+            if tied_gen is not None:
+                self._luminance_copies(x, noisy, lo_a, hi_a, tied_gen, extra)
             seen += x.shape[0]
             if max_images is not None and seen >= max_images:
                 break
         if seen == 0:
             raise ValueError("calibrate: no clean images given")
-        sc, sn = torch.cat(clean_scores).double(), torch.cat(noisy_scores).double()
+        return CalibrationScores(torch.cat(clean_scores).double(), torch.cat(noisy_scores).double(), lo_a, hi_a,
+                                 {k: torch.cat(v) for k, v in extra.items()} if tied_gen is not None else None)
+
+    @torch.no_grad()
+    def calibrate_from_scores(self, scores: CalibrationScores, max_clean_rejection: float = 0.01) -> Calibration:
+        """:meth:`calibrate`'s choice on precomputed :meth:`calibration_scores` (of this layer's settings)."""
+        if not 0.0 <= max_clean_rejection < 1.0:
+            raise ValueError(f"max_clean_rejection must be in [0, 1), got {max_clean_rejection}")
+        if (scores.luminance is not None) != self.luminance:
+            raise ValueError("calibration scores and layer disagree on the luminance test: score with this layer")
+        sc, sn, lo_a, hi_a = scores.clean, scores.noisy, scores.noise_min, scores.noise_max
         threshold, frr, tpr = choose_threshold_below(sc, sn, max_clean_rejection)
         auroc = detection_auroc(clean_scores=-sc, adv_scores=-sn)  # P(a noisy copy scores below a clean image)
         if auroc < 0.5:
@@ -310,10 +475,43 @@ class SAEC(DetectorLayer):
                 f"SAEC calibration: noisy copies do not score below clean images (AUROC {auroc:.3f}); "
                 "the settings (kernel, range, bins) do not separate noise on this data"
             )
+        if scores.luminance is not None:
+            threshold, frr, tpr = self._calibrate_jointly(sc, sn, scores.luminance, max_clean_rejection)
         cal = Calibration(threshold, frr, tpr, auroc, max_clean_rejection, len(sc), len(sn), lo_a, hi_a)
         self.threshold.fill_(threshold)
         self.calibration_stats.copy_(torch.tensor([frr, tpr, auroc, max_clean_rejection, len(sc), len(sn), lo_a, hi_a]))
         return cal
+
+    def _luminance_copies(self, x: torch.Tensor, noisy: torch.Tensor, lo_a: float, hi_a: float,
+                          gen: torch.Generator, out: dict[str, list[torch.Tensor]]) -> None:
+        """Score one calibration batch for the luminance test: the clean images and the paper's noisy
+        copies under the luminance statistics, and a channel-tied copy under both tests."""
+        amp = lo_a + (hi_a - lo_a) * torch.rand(x.shape[0], 1, 1, 1, generator=gen)
+        u = (2 * torch.rand((x.shape[0], 1, *x.shape[2:]), generator=gen) - 1) * amp
+        tied = (x + u).clamp(0, 1)
+        out["clean_lum"].append(self.luminance_scores(x, validate=False))
+        out["noisy_lum"].append(self.luminance_scores(noisy, validate=False))
+        out["tied"].append(self.score(tied, validate=False))
+        out["tied_lum"].append(self.luminance_scores(tied, validate=False))
+
+    def _calibrate_jointly(self, sc: torch.Tensor, sn: torch.Tensor, extra: dict[str, torch.Tensor],
+                           max_clean_rejection: float) -> tuple[float, float, float]:
+        """Set the paper threshold and the luminance cuts together (see :meth:`calibrate`); returns the
+        paper test's ``(threshold, clean rejection rate, noisy detection rate)`` at its joint cut."""
+        # one row per test, "larger = reject": −NL for the paper test, the statistics as they are
+        clean = torch.cat([-sc[None], extra["clean_lum"].double().T])
+        noisy = torch.cat([torch.cat([-sn, -extra["tied"].double()])[None],
+                           torch.cat([extra["noisy_lum"], extra["tied_lum"]]).double().T])  # [4, 2N]
+        budget = lum.clean_budget(max_clean_rejection, len(sc))
+        cuts, ks = lum.allocate_thresholds(clean, noisy, budget, required=(0,))  # the paper's test stays on
+        rejected = clean > cuts[:, None]
+        caught = noisy > cuts[:, None]
+        n_indep = len(sn)
+        self.luminance_thresholds.copy_(cuts[1:].float())
+        self.luminance_stats.copy_(torch.tensor([
+            float(rejected.any(0).double().mean()), float(caught[:, :n_indep].any(0).double().mean()),
+            float(caught[:, n_indep:].any(0).double().mean()), max_clean_rejection, *ks]))
+        return -float(cuts[0]), float(rejected[0].double().mean()), float(caught[0, :n_indep].double().mean())
 
 
 def choose_threshold_below(clean: torch.Tensor, noisy: torch.Tensor, max_clean_rejection: float) -> tuple[float, float, float]:
