@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from attack_strength import timed  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from mixdefense.attacks import perturbation_norm, run_attack
 from mixdefense.attacks.gradient_free import ClassifierQueries, hop_skip_jump, square_attack
 from mixdefense.classifiers import load_classifier
@@ -44,12 +45,6 @@ def row(success: torch.Tensor, norms: torch.Tensor, seconds: float, queries: tor
         out["median_queries_of_successes"] = float(queries[success].float().median()) if k else math.nan
         out["mean_queries"] = float(queries.float().mean())
     return {**out, **extra}
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,20 +176,28 @@ def test_the_evaluations_cutoffs_hold_their_rate_and_ignore_misclassified_images
 
 
 
+def _squeezing_file(tmp_path: Path, data_root: Path):
+    """The shipped MNIST LeNet, 200 validation images and a Feature Squeezing file calibrated on them at 5 %
+    (``tmp_path/fs.pt``)."""
+    from mixdefense.layers.squeezing import FeatureSqueezing
+
+    clf = load_classifier(REPO / "artifacts/mnist/classifier.pt")
+    x, _ = load_images("mnist", "val", 200, data_root=str(data_root))
+    fs = FeatureSqueezing(["bits:1", "median:2"], clf)
+    fs.calibrate(x, 0.05)
+    fs.save(tmp_path / "fs.pt")
+    return clf, x
+
+
 def test_baselines_on_the_same_curves(mnist_bundle, tmp_path, data_root, monkeypatch, capsys):
     """Feature Squeezing and MagNet score the bundle's AEs; a robust classifier is attacked on its own.
 
     The 'robust classifier' here is the bundle's own LeNet: attacked with the same deterministic
     FGSM on the same images it must give exactly the undefended classifier's Acc_RC."""
     from mixdefense.layers.magnet import MagNet, MagNetAutoencoder
-    from mixdefense.layers.squeezing import FeatureSqueezing
 
     monkeypatch.chdir(tmp_path)
-    clf = load_classifier(REPO / "artifacts/mnist/classifier.pt")
-    x, _ = load_images("mnist", "val", 200, data_root=str(data_root))
-    fs = FeatureSqueezing(["bits:1", "median:2"], clf)
-    fs.calibrate(x, 0.05)
-    fs.save(tmp_path / "fs.pt")
+    clf, x = _squeezing_file(tmp_path, data_root)
     magnet = MagNet(MagNetAutoencoder(1), ["l1", "jsd:10"], clf)
     magnet.calibrate(x, 0.05)
     magnet.save(tmp_path / "magnet.pt")
@@ -254,14 +262,9 @@ def test_compare_after_evaluate_reuses_the_bundle_parts(mnist_bundle, tmp_path, 
     """`make compare` after `make evaluate` (a shared partial_dir): the bundle's classifier is not attacked
     again, only the added robust classifier, and every number equals a compare run from scratch."""
     from lightning_modules.evaluation import MixDefenseEvaluation
-    from mixdefense.layers.squeezing import FeatureSqueezing
 
     monkeypatch.chdir(tmp_path)
-    clf = load_classifier(REPO / "artifacts/mnist/classifier.pt")
-    x, _ = load_images("mnist", "val", 200, data_root=str(data_root))
-    fs = FeatureSqueezing(["bits:1", "median:2"], clf)
-    fs.calibrate(x, 0.05)
-    fs.save(tmp_path / "fs.pt")
+    clf, x = _squeezing_file(tmp_path, data_root)
     attacks = ["--model.init_args.attacks={pgd_linf: {budgets: [32, 64], steps: 3}}"]  # random start: seeds matter
     evaluate = f"--model.init_args.baselines={{fs: {tmp_path / 'fs.pt'}}}"
     compare = f"--model.init_args.baselines={{robust: {REPO / 'artifacts/mnist/classifier.pt'}, fs: {tmp_path / 'fs.pt'}}}"
