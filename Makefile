@@ -76,12 +76,16 @@ help:
 	@echo "make baselines DATASET=ds          calibrate Feature Squeezing and MagNet (experiments/ds/detector.yaml: target_frr)"
 	@echo "                                   -> artifacts/candidates/ds/"
 	@echo "make compare DATASET=ds            MixDefense, Feature Squeezing, MagNet, Madry, undefended on the same curves"
-	@echo "make adaptive DATASET=ds           adaptive white-box attacks (PGD, full adaptive, Orthogonal PGD) + paper §6 case studies"
+	@echo "make adaptive DATASET=ds           the complete adaptive evaluation (untargeted + top-3 goals, L∞ + L2, oblivious /"
+	@echo "                                   adaptive / Orthogonal / channel-tied / low-frequency PGD, Square, HopSkipJump)"
+	@echo "                                   + robust-accuracy table (Tramèr ε/2) + paper §6; resumable (runs/ds/adaptive_partial)"
 	@echo "make results-index                 results/INDEX.md from every results/**/run.json record"
 	@echo "make clean-runs                    delete runs/, checkpoints/ and wandb/ (logs, checkpoints, the demo's report)"
 	@echo "datasets: mnist cifar10 gtsrb; data root: \$$MIXDEFENSE_DATA (default ./data)"
 	@echo "ARGS=\"...\": extra options for the target's main mixdefense command (train-*: the Lightning fit/test; calibrate: the bundle;"
-	@echo "saec: key=value overrides); EVAL_ARGS / ADAPTIVE_ARGS: extra options for contranet evaluate / adaptive."
+	@echo "saec: key=value overrides); EVAL_ARGS / ADAPTIVE_ARGS: extra options for contranet evaluate / adaptive"
+	@echo "(quick adaptive profile: ADAPTIVE_ARGS=\"--num-images 100 --steps 20 --restarts 1 --norms linf --targets untargeted"
+	@echo " --attacks pgd adaptive orthogonal --out results/ds/adaptive_quick --partial-dir runs/ds/adaptive_quick_partial\")."
 	@echo "Operating points: experiments/<ds>/detector.yaml.  Shipped files: artifacts/<ds>/; new ones: artifacts/candidates/<ds>/"
 	@echo "(pass a candidate's path to use it, e.g. make evaluate-cgan CGAN=artifacts/candidates/ds/cgan.pt; the yaml headers say how)."
 
@@ -193,8 +197,14 @@ baselines: $(STAMP) data
 compare: $(STAMP) data
 	$(MD) test $(COMMON) --config $(EXP)/evaluate.yaml --config $(EXP)/compare.yaml $(ARGS)
 
-# Adaptive attacks on the whole pipeline and the paper's §6 case studies -> results/$(DATASET)/adaptive/
-# (ADAPTIVE_ARGS="--num-images 100 --eps 0.1 0.3 --steps 10" for a quick run; `mixdefense adaptive --help`).
+# The complete adaptive evaluation -> results/$(DATASET)/adaptive/ (docs/adaptive.md): 500 images, 100 steps,
+# 2 restarts; goals untargeted + topk:3; L∞ and L2 at the robustness sweep's budgets; oblivious / adaptive /
+# Orthogonal / channel-tied / low-frequency PGD, Square, HopSkipJump; the robust-accuracy table
+# (robust_accuracy.md, with Tramèr's ε/2 comparison) and the paper's §6 case studies.  Long: every finished row is
+# kept in runs/$(DATASET)/adaptive_partial/ and a rerun resumes there.  Quick profile (its own folders):
+# ADAPTIVE_ARGS="--num-images 100 --steps 20 --restarts 1 --norms linf --targets untargeted --attacks pgd adaptive
+#   orthogonal --out results/$(DATASET)/adaptive_quick --partial-dir runs/$(DATASET)/adaptive_quick_partial";
+# `mixdefense adaptive --help` lists every option.
 adaptive: $(STAMP) data
 	$(MD) adaptive --dataset $(DATASET) $(ADAPTIVE_ARGS) $(ARGS)
 

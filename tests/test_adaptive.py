@@ -233,6 +233,17 @@ def test_verdict_agrees_with_the_detector(detector, batch):
     assert torch.equal(v.hit, detector.classifier(x_adv).argmax(1) == t)
 
 
+def test_untargeted_verdict_agrees_with_the_detector(detector, batch):
+    x, y, _ = batch
+    obj = PipelineObjective(detector)
+    x_adv = adaptive_pgd(obj, x, y, eps=0.3, steps=5, lam=1.0, select="pipeline", targeted=False,
+                         mask=support_mask(x, 2), progress=False).x_adv
+    v = obj.full_verdict(x_adv, y, targeted=False)
+    d = detector.detect(x_adv)
+    assert torch.equal(v.fooled, (d.labels != y) & ~d.rejected)
+    assert torch.equal(v.hit, detector.classifier(x_adv).argmax(1) != y) and v.hit.any()
+
+
 # -- §6 case studies -----------------------------------------------------------------------
 def test_case_studies_respect_their_budgets(detector, batch):
     x, _, t = batch
@@ -258,18 +269,31 @@ def test_adaptive_report_writes_its_files(data_root, tmp_path, detector):
     from mixdefense.cli import main
 
     out = tmp_path / "adaptive"
-    rc = main(["adaptive", "--dataset", "mnist", "--bundle", str(MNIST_BUNDLE), "--out", str(out), "--num-images", "4",
-               "--sweep-images", "2", "--eps", "0.3", "--steps", "2", "--lambdas", "0", "1", "--mus", "0",
-               "--case-images", "3", "--case-steps", "2", "--calibration-images", "200", "--no-progress"])
-    assert rc == 0
-    for name in ("adaptive.json", "adaptive.csv", "success_vs_eps.png", "figure12.png", "figure13.png"):
+    argv = ["adaptive", "--dataset", "mnist", "--bundle", str(MNIST_BUNDLE), "--out", str(out), "--num-images", "4",
+            "--partial-dir", str(tmp_path / "parts"), "--sweep-images", "2", "--eps", "0.3", "--steps", "2", "--restarts", "1",
+            "--targets", "random", "untargeted", "--attacks", "pgd", "adaptive", "orthogonal", "--lambdas", "0", "1",
+            "--mus", "0", "--case-images", "3", "--case-steps", "2", "--calibration-images", "200", "--no-progress"]
+    assert main(argv) == 0
+    for name in ("adaptive.json", "adaptive.csv", "robust_accuracy.md", "success_vs_eps_linf_random.png",
+                 "success_vs_eps_linf_untargeted.png", "figure12.png", "figure13.png"):
         assert (out / name).stat().st_size > 0
     report = json.loads((out / "adaptive.json").read_text())
-    assert report["images"] == 4 and {r["attack"] for r in report["rows"]} == {"pgd", "adaptive", "orthogonal"}
-    assert len(report["sweep"]["rows"]) == 2 and report["contranet_calibration"]["target_frr"] == 0.05
+    assert report["images"] == 4 and report["norms"] == ["linf"] and report["budgets"] == {"linf": [0.3]}
+    assert {(r["attack"], r["targets"]) for r in report["rows"]} == {
+        (a, m) for a in ("pgd", "adaptive", "orthogonal") for m in ("random", "untargeted")}
+    assert len(report["sweep"]["rows"]) == 4 and report["contranet_calibration"]["target_frr"] == 0.05
     for r in report["rows"]:
         assert 0 <= r["mixdefense"] <= min(r["saec"], r["contranet"]) <= r["classifier"] <= 1
-        assert r["max_norm"] <= 0.3 + 1e-6
+        assert r["max_norm"] <= 0.3 + 1e-6 and r["family"] == r["attack"] and r["settings"]["restarts"] == 1
+        assert r["threat_model"].startswith("oblivious" if r["attack"] == "pgd" else "adaptive")
+    (robust,) = report["robust"]
+    assert robust["eps"] == 0.3 and len(robust["defended_ci95"]) == 2 and robust["attacks"] == 6
+    assert robust["tramer_eps_half"] == 0.15 and robust["best_known_source"] == "no known figure"
+    assert "robust" in {row["table"] for row in __import__("csv").DictReader((out / "adaptive.csv").open())}
+    assert main(argv) == 0  # a rerun: every row and sweep cell comes from its part
+    again = json.loads((out / "adaptive.json").read_text())
+    assert again["parts"]["computed"] == 0 and again["parts"]["reused"] == report["parts"]["computed"]
+    assert again["robust"] == report["robust"]
 
 
 def test_adaptive_recalibrates_on_correctly_classified_images_and_records_it(data_root):

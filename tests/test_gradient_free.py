@@ -402,7 +402,8 @@ def test_adaptive_command_runs_the_gradient_free_families(data_root, tmp_path):
     out = tmp_path / "gf"
     rc = main(["adaptive", "--dataset", "mnist", "--bundle", str(bundle), "--out", str(out), "--num-images", "2",
                "--attacks", "square", "hopskipjump", "--eps", "0.3", "--queries", "30", "--case-images", "2",
-               "--case-steps", "2", "--calibration-images", "200", "--no-progress", "--threads", "1"])
+               "--case-steps", "2", "--calibration-images", "200", "--no-progress", "--threads", "1",
+               "--targets", "random", "--partial-dir", str(tmp_path / "parts")])
     assert rc == 0
     report = json.loads((out / "adaptive.json").read_text())
     assert [r["attack"] for r in report["rows"]] == ["square", "hopskipjump"]

@@ -34,7 +34,11 @@ Parts:
   in targeted mode; tested).  No EOT is needed: ContraNet's reconstructor encodes with the
   encoder *mean* μ(x) at inference (:class:`~mixdefense.nets.cgan.Reconstructor`), so its
   score is a deterministic, differentiable function of ``x``.
+  ``targeted=False`` attacks the true label instead (see :class:`PipelineObjective`), and
+  ``subspace=`` keeps the perturbation in a :class:`~mixdefense.attacks.subspace.SubspacePGD`'s
+  subspace (channel-tied, low-frequency; :func:`make_subspace`).
 * :func:`orthogonal_pgd` — Orthogonal / Selective PGD (Bryniarski et al., ICLR 2022).
+* :func:`with_restarts` — reruns an attack from random starts on the images it has not broken yet.
 * :func:`support_mask` — restrict a perturbation to the image content and a rim (on MNIST
   the surrogate's gradient cannot keep the flat background flat — see :class:`SoftSAEC` —
   but an attacker who never touches it leaves SAEC's histogram peak intact).
@@ -45,7 +49,7 @@ Parts:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -199,12 +203,28 @@ def random_start(x: torch.Tensor, norm: str, eps: float, generator: torch.Genera
 
 
 # -- the attacker's view of the pipeline --------------------------------------------------
+def untargeted_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``z_y − max_{j≠y} z_j`` ``[B]`` (``labels`` = true labels ``y``): ``> 0`` while the classifier says ``y``.
+
+    The untargeted attack *minimises* it, i.e. raises the best wrong logit's margin
+    ``max_{j≠y} z_j − z_y`` (Carlini & Wagner's ``f_6`` without the target)."""
+    own = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+    return own - others
+
+
+def leading_wrong_label(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``argmax_{j≠y} z_j`` ``[B]``: the label the classifier gives once an untargeted attack succeeds."""
+    return logits.detach().scatter(1, labels[:, None], float("-inf")).argmax(1)
+
+
 @dataclass
 class Verdict:
     """Exact outcome for each AE under its target (bool ``[B]`` each).
 
-    ``hit``: the classifier says ``t``; ``accepted[name]``: that layer alone accepts it
-    (a post layer judged under label ``t``, which is the label it sees where ``hit``);
+    ``hit``: the classifier says ``t`` (targeted) / anything but the true ``y`` (untargeted);
+    ``accepted[name]``: that layer alone accepts it (a post layer judged under label ``t``, or
+    untargeted under the classifier's label, which is the label it sees where ``hit``);
     ``fooled``: ``hit`` and every layer accepts (success against the whole MixDefense).
     """
 
@@ -227,6 +247,16 @@ class PipelineObjective:
     ``differentiable=False`` builds no surrogate and accepts any pre layer: :meth:`verdict` still
     works (the gradient-free attacks of :mod:`mixdefense.attacks.gradient_free` use only it),
     :meth:`terms` then refuses pre layers.
+
+    Two attacker goals (``targeted``, every method):
+
+    * targeted (default): ``labels`` are targets ``t``; the classifier's term is ``CE(f(x), t)``,
+      post layers are judged under ``t``; success = the classifier says ``t`` and every layer accepts.
+    * untargeted: ``labels`` are the true ``y``; the classifier's term is the margin
+      ``max(z_y − max_{j≠y} z_j, −confidence)`` (:func:`untargeted_margin`), post layers are judged
+      under the leading wrong label ``argmax_{j≠y} z_j`` (:func:`leading_wrong_label`, the label the
+      pipeline will see once the margin flips; no gradient through the ``argmax``); success = the
+      classifier says anything but ``y`` and every layer accepts under that label.
     """
 
     def __init__(self, detector: nn.Module, temperature: float = 0.05, differentiable: bool = True):
@@ -248,10 +278,30 @@ class PipelineObjective:
     def kind(self, name: str) -> str:
         return next(layer.kind for layer in self.layers if layer.name == name)
 
-    def terms(self, x: torch.Tensor, t: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``{"logits": [B, K], "ce": [B], <layer>: log margin [B] ...}`` for the named layers (differentiable)."""
+    @staticmethod
+    def judged_labels(logits: torch.Tensor, labels: torch.Tensor, targeted: bool = True) -> torch.Tensor:
+        """The label the post layers are judged under: the target, or the leading wrong label (untargeted)."""
+        return labels if targeted else leading_wrong_label(logits, labels)
+
+    @staticmethod
+    def classifier_loss(logits: torch.Tensor, labels: torch.Tensor, targeted: bool = True,
+                        confidence: float = 0.0) -> torch.Tensor:
+        """The classifier's term ``[B]`` (minimised): ``CE(f(x), t)``, or untargeted ``max(z_y − max_{j≠y} z_j, −confidence)``."""
+        if targeted:
+            return F.cross_entropy(logits, labels, reduction="none")
+        return untargeted_margin(logits, labels).clamp_min(-confidence)
+
+    def terms(self, x: torch.Tensor, t: torch.Tensor, layers: Sequence[str], targeted: bool = True,
+              confidence: float = 0.0) -> dict[str, torch.Tensor]:
+        """``{"logits": [B, K], "loss": [B], "judged": [B], <layer>: log margin [B] ...}`` for the named layers
+        (differentiable); ``loss`` is :meth:`classifier_loss` (also under ``"ce"`` when targeted), post layers are
+        judged under ``judged`` (:meth:`judged_labels`)."""
         logits = self.classifier(x)
-        out = {"logits": logits, "ce": F.cross_entropy(logits, t, reduction="none")}
+        judged = self.judged_labels(logits, t, targeted)
+        loss = self.classifier_loss(logits, t, targeted, confidence)
+        out = {"logits": logits, "loss": loss, "judged": judged}
+        if targeted:
+            out["ce"] = loss
         for layer in self.layers:
             if layer.name not in layers:
                 continue
@@ -260,18 +310,31 @@ class PipelineObjective:
                     raise RuntimeError(f"no surrogate for pre layer {layer.name!r}: built with differentiable=False")
                 m = self.surrogates[layer.name].margin(x)
             else:
-                m = layer.margin(x, t)
+                m = layer.margin(x, judged)
             out[layer.name] = m.clamp_min(1e-12).log()
         return out
 
     @torch.no_grad()
+    def hits(self, x: torch.Tensor, labels: torch.Tensor, targeted: bool = True, batch_size: int = 250) -> torch.Tensor:
+        """``[B]`` bool: the bare classifier is fooled (says ``t``; untargeted: anything but ``y``), in batches."""
+        out = []
+        for xb, lb in zip(x.split(batch_size), labels.split(batch_size)):
+            pred = self.classifier(xb.detach()).argmax(1)
+            out.append(pred == lb if targeted else pred != lb)
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+    @torch.no_grad()
     def verdict(self, x: torch.Tensor, t: torch.Tensor, logits: torch.Tensor | None = None,
-                post_margins: dict[str, torch.Tensor] | None = None, only: torch.Tensor | None = None) -> Verdict:
+                post_margins: dict[str, torch.Tensor] | None = None, only: torch.Tensor | None = None,
+                targeted: bool = True) -> Verdict:
         """The exact :class:`Verdict` of ``x`` (real layers).  Already computed ``logits`` and post-layer
         log margins (``post_margins``) are reused; post layers run only where ``only`` (default: ``hit``
-        and every pre layer accepts), the rest count as rejected — they cannot be successes anyway."""
+        and every pre layer accepts), the rest count as rejected — they cannot be successes anyway.
+        ``targeted=False``: ``t`` are the true labels, post layers judge the classifier's own label."""
         x = x.detach()
-        hit = (self.classifier(x) if logits is None else logits.detach()).argmax(1) == t
+        pred = (self.classifier(x) if logits is None else logits.detach()).argmax(1)
+        hit = pred == t if targeted else pred != t
+        t = t if targeted else pred
         accepted = {}
         for layer in self.layers:
             if layer.kind == "pre":
@@ -293,9 +356,9 @@ class PipelineObjective:
         return Verdict(hit, accepted)
 
     @torch.no_grad()
-    def full_verdict(self, x: torch.Tensor, t: torch.Tensor, batch_size: int = 250) -> Verdict:
+    def full_verdict(self, x: torch.Tensor, t: torch.Tensor, batch_size: int = 250, targeted: bool = True) -> Verdict:
         """Every layer on every image (for reports), in batches."""
-        parts = [self.verdict(xb, tb, only=torch.ones_like(tb, dtype=torch.bool))
+        parts = [self.verdict(xb, tb, only=torch.ones_like(tb, dtype=torch.bool), targeted=targeted)
                  for xb, tb in zip(x.split(batch_size), t.split(batch_size))]
         return Verdict(torch.cat([p.hit for p in parts]),
                        {n: torch.cat([p.accepted[n] for p in parts]) for n in self.names})
@@ -324,27 +387,44 @@ def _weights(objective: PipelineObjective, lam: float, mu: float) -> dict[str, f
 def adaptive_pgd(objective: PipelineObjective, x: torch.Tensor, t: torch.Tensor, *, norm: str = "linf",
                  eps: float, steps: int = 20, alpha: float | None = None, lam: float = 0.0, mu: float = 0.0,
                  kappa: float = 0.1, rand_init: bool = False, select: str = "last", mask: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, batch_size: int = 250, progress: bool = True) -> AttackResult:
-    """Targeted PGD on the whole pipeline: minimise ``CE(f(x), t) + λ·Σ_post relu(log m + κ) + μ·Σ_pre relu(log m̃ + κ)``.
+                 generator: torch.Generator | None = None, batch_size: int = 250, progress: bool = True,
+                 targeted: bool = True, confidence: float = 0.0, subspace=None) -> AttackResult:
+    """PGD on the whole pipeline: minimise ``L_f(x) + λ·Σ_post relu(log m + κ) + μ·Σ_pre relu(log m̃ + κ)``.
+
+    ``L_f`` is :meth:`PipelineObjective.classifier_loss`: ``CE(f(x), t)`` (targeted, ``t`` the targets) or
+    ``max(z_y − max_{j≠y} z_j, −confidence)`` (``targeted=False``, ``t`` the true labels; post layers
+    judged under the leading wrong label).
 
     Args:
-        x: clean images ``[B, C, H, W]`` in [0, 1]; ``t``: target labels ``[B]``.
+        x: clean images ``[B, C, H, W]`` in [0, 1]; ``t``: target labels ``[B]`` (untargeted: true labels).
         norm, eps: the budget (module docstring); ``alpha``: step size (default ``2.5·ε/steps``).
         lam: weight of the post-classifier layers' terms (ContraNet, judged under ``t``).
         mu: weight of the pre-classifier layers' terms (SAEC, through :class:`SoftSAEC`).
         kappa: hinge offset: a layer's term vanishes once its log margin is below ``−κ``.
-        rand_init: start at a random point of the ball (:func:`random_start`, drawn from ``generator``).
+        rand_init: start at a random point of the ball (:func:`random_start`, drawn from ``generator``;
+            with ``subspace``, the subspace's own random start, seeded from ``generator``).
         select: ``"last"`` returns the last iterate (plain PGD); ``"pipeline"`` returns, per image,
             the first iterate the *real* pipeline accepts as ``t`` (and stops updating it), else
             the last one — the attacker knows the defense and can check.
         mask: optional ``[B, 1 or C, H, W]`` in {0, 1}: only these values are ever perturbed
             (e.g. :func:`support_mask`); the budget holds either way.
+        targeted, confidence: the attacker's goal (:class:`PipelineObjective`).
+        subspace: optional :class:`~mixdefense.attacks.subspace.SubspacePGD` (:func:`make_subspace`) with the
+            same ``norm`` and ``eps``: the attack then optimises its parameter ``p`` and the AE is
+            ``clip(x + U(p), 0, 1)``, with the subspace's own ``lift`` (``U``), ``pullback`` (``Uᵀ``) and
+            ``project`` (the budget on the full-resolution ``U(p)``); the step is ``−α·sign(Uᵀg)`` (L∞) or
+            ``−α·Uᵀg/‖U Uᵀg‖₂`` (L2), as in :class:`~mixdefense.attacks.subspace.SubspacePGD`.  Not with ``mask``.
     """
     check_budget(norm, eps)
     if select not in SELECT:
         raise ValueError(f"select must be one of {SELECT}, got {select!r}")
-    if lam < 0 or mu < 0 or steps < 1:
-        raise ValueError(f"need lam >= 0, mu >= 0, steps >= 1; got {lam}, {mu}, {steps}")
+    if lam < 0 or mu < 0 or steps < 1 or confidence < 0:
+        raise ValueError(f"need lam >= 0, mu >= 0, steps >= 1, confidence >= 0; got {lam}, {mu}, {steps}, {confidence}")
+    if subspace is not None:
+        if subspace.norm != norm or not math.isclose(subspace.eps, eps, rel_tol=1e-9, abs_tol=0.0):
+            raise ValueError(f"subspace budget ({subspace.norm}, {subspace.eps}) differs from the attack's ({norm}, {eps})")
+        if mask is not None:
+            raise ValueError("a subspace attack takes no mask (the subspace defines where δ lives)")
     alpha = 2.5 * eps / steps if alpha is None else alpha
     weights = _weights(objective, lam, mu)
     active_terms = [n for n, w in weights.items() if w > 0]
@@ -354,7 +434,11 @@ def adaptive_pgd(objective: PipelineObjective, x: torch.Tensor, t: torch.Tensor,
     bar = tqdm(total=steps * len(chunks), desc=f"adaptive PGD ε={eps:.4g} λ={lam:g} μ={mu:g}", disable=not progress, leave=False)
     for xb, tb, mb in chunks:
         x0 = xb.detach()
-        xa = _start(x0, norm, eps, generator, mb) if rand_init else x0.clone()
+        if subspace is None:
+            xa = _start(x0, norm, eps, generator, mb) if rand_init else x0.clone()
+        else:
+            p = _subspace_start(subspace, x0, rand_init, generator)
+            xa = (x0 + subspace.lift(p, x0)).clamp(0, 1).detach()
         step_of = torch.full((xb.shape[0],), -1, dtype=torch.long)
         done = 0
         for k in range(steps + (select == "pipeline")):
@@ -362,10 +446,10 @@ def adaptive_pgd(objective: PipelineObjective, x: torch.Tensor, t: torch.Tensor,
             if idx.numel() == 0:
                 break
             xi = xa[idx].detach().requires_grad_(True)
-            terms = objective.terms(xi, tb[idx], active_terms)
+            terms = objective.terms(xi, tb[idx], active_terms, targeted=targeted, confidence=confidence)
             if select == "pipeline":
                 posts = {n: terms[n] for n in active_terms if objective.kind(n) == "post"}
-                fooled = objective.verdict(xi, tb[idx], logits=terms["logits"], post_margins=posts).fooled
+                fooled = objective.verdict(xi, tb[idx], logits=terms["logits"], post_margins=posts, targeted=targeted).fooled
                 step_of[idx[fooled]] = k
                 if k == steps:
                     break
@@ -374,11 +458,16 @@ def adaptive_pgd(objective: PipelineObjective, x: torch.Tensor, t: torch.Tensor,
                     break
             else:
                 keep = torch.ones(idx.numel(), dtype=torch.bool)
-            loss = terms["ce"] + sum(weights[n] * hinge(terms[n], kappa) for n in active_terms)
+            loss = terms["loss"] + sum(weights[n] * hinge(terms[n], kappa) for n in active_terms)
             (grad,) = torch.autograd.grad(loss.sum(), xi)
-            if mb is not None:
-                grad = grad * mb[idx]
-            new = project(descent_step(xi.detach(), grad, norm, alpha), x0[idx], norm, eps)
+            if subspace is None:
+                if mb is not None:
+                    grad = grad * mb[idx]
+                new = project(descent_step(xi.detach(), grad, norm, alpha), x0[idx], norm, eps)
+            else:
+                p_new = _subspace_step(subspace, p[idx], grad, x0[idx], alpha)
+                new = (x0[idx] + subspace.lift(p_new, x0[idx])).clamp(0, 1).detach()
+                p[idx[keep]] = p_new[keep]
             xa[idx[keep]] = new[keep]
             bar.update(1)
             done += 1
@@ -386,8 +475,83 @@ def adaptive_pgd(objective: PipelineObjective, x: torch.Tensor, t: torch.Tensor,
         out.append(xa)
         succ.append(step_of)
     bar.close()
-    return AttackResult(torch.cat(out), torch.cat(succ), {"norm": norm, "eps": eps, "steps": steps, "alpha": alpha,
-                                                          "lam": lam, "mu": mu, "kappa": kappa, "select": select})
+    info = {"norm": norm, "eps": eps, "steps": steps, "alpha": alpha, "lam": lam, "mu": mu, "kappa": kappa, "select": select,
+            "targeted": targeted}
+    if not targeted:
+        info["confidence"] = confidence
+    if subspace is not None:
+        info["subspace"] = type(subspace).__name__
+    return AttackResult(torch.cat(out), torch.cat(succ), info)
+
+
+# -- subspaces and restarts ---------------------------------------------------------------
+SUBSPACES = ("channel_tied", "lowfreq")
+
+
+def make_subspace(kind: str, model: nn.Module, *, norm: str, eps: float, steps: int, alpha: float | None = None,
+                  factor: int = 4):
+    """The :mod:`mixdefense.attacks.subspace` attack whose ``lift`` / ``pullback`` / ``project`` define a subspace
+    of perturbations for :func:`adaptive_pgd`'s ``subspace=``: ``"channel_tied"`` (:class:`ChannelTiedPGD`) or
+    ``"lowfreq"`` (:class:`LowFrequencyPGD`, grid ``factor``).  Only its geometry is used here, never its
+    ``forward``; ``model`` is what it would attack on its own."""
+    from mixdefense.attacks.subspace import ChannelTiedPGD, LowFrequencyPGD
+
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    if kind == "channel_tied":
+        return ChannelTiedPGD(model, eps=eps, alpha=alpha, steps=steps, norm=norm)
+    if kind == "lowfreq":
+        return LowFrequencyPGD(model, eps=eps, alpha=alpha, steps=steps, norm=norm, factor=factor)
+    raise ValueError(f"subspace must be one of {SUBSPACES}, got {kind!r}")
+
+
+def _subspace_start(subspace, x0: torch.Tensor, rand_init: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """``p`` at ``0``, or the subspace's own random start (drawn under a seed taken from ``generator``), projected."""
+    if not rand_init:
+        return torch.zeros(subspace.param_shape(x0), dtype=x0.dtype, device=x0.device)
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        p = subspace._random_start(x0)
+    return subspace.project(p, x0)
+
+
+def _subspace_step(subspace, p: torch.Tensor, grad: torch.Tensor, x0: torch.Tensor, alpha: float) -> torch.Tensor:
+    """One descent step on ``p`` from the image gradient ``grad`` (pulled back by ``Uᵀ``), then the subspace's projection."""
+    gp = subspace.pullback(grad, p, x0)
+    if subspace.norm == "linf":
+        p = p - alpha * gp.sign()
+    else:
+        p = p - alpha * gp / (subspace._image_norm(gp, x0) + 1e-10)
+    return subspace.project(p.detach(), x0)
+
+
+def with_restarts(attack: Callable[[torch.Tensor, bool], torch.Tensor], x: torch.Tensor, restarts: int,
+                  success: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run an attack up to ``restarts`` times; per image keep a successful AE.
+
+    ``attack(idx, random_start) -> x_adv [n, C, H, W]`` attacks the images ``x[idx]``; run 1 starts at
+    ``x`` (``random_start=False``), every later run at a random point of the budget and only on the images
+    no earlier run broke; ``success(x_adv, idx) -> [n] bool`` decides "broken".  An image once broken is
+    never attacked again and keeps its first successful AE (a restart never un-breaks it); an image no run
+    broke keeps run 1's AE.  Returns ``(x_adv [B, C, H, W], broken [B] bool)``.
+    """
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    x_adv = x.detach().clone()
+    broken = torch.zeros(x.shape[0], dtype=torch.bool)
+    for r in range(restarts):
+        todo = (~broken).nonzero().squeeze(1)
+        if todo.numel() == 0:
+            break
+        xa = attack(todo, r > 0).detach()
+        ok = success(xa, todo).to(torch.bool).cpu()
+        if r == 0:
+            x_adv[todo] = xa
+        else:
+            x_adv[todo[ok]] = xa[ok]
+        broken[todo[ok]] = True
+    return x_adv, broken
 
 
 def _mask_chunks(mask: torch.Tensor | None, x: torch.Tensor, batch_size: int) -> list:
@@ -445,7 +609,8 @@ def orthogonalize(g: torch.Tensor, basis: Sequence[torch.Tensor], tol: float = 1
 def orthogonal_pgd(objective: PipelineObjective, x: torch.Tensor, t: torch.Tensor, *, norm: str = "linf",
                    eps: float, steps: int = 40, alpha: float | None = None, kappa: float = 0.1,
                    mode: str = "orthogonal", rand_init: bool = False, mask: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, batch_size: int = 250, progress: bool = True) -> AttackResult:
+                   generator: torch.Generator | None = None, batch_size: int = 250, progress: bool = True,
+                   targeted: bool = True, confidence: float = 0.0) -> AttackResult:
     """Orthogonal (or Selective) PGD against the classifier and every layer at once.
 
     Per image and step: while the classifier does not say ``t``, step on ``∇ CE(f(x), t)``;
@@ -456,7 +621,9 @@ def orthogonal_pgd(objective: PipelineObjective, x: torch.Tensor, t: torch.Tenso
     ``∇ log m``; the detector step orthogonal to ``∇ CE``), so a step on one constraint does
     not undo the other; ``mode="selective"`` steps without projecting.  Images are kept at
     the first iterate the real pipeline accepts as ``t`` (like ``select="pipeline"``).
-    ``mask`` restricts the perturbation as in :func:`adaptive_pgd`.
+    ``mask`` restricts the perturbation as in :func:`adaptive_pgd`.  ``targeted=False``: ``t`` are the true
+    labels, the classifier step is on the untargeted margin (:meth:`PipelineObjective.classifier_loss`), the
+    detector step starts once the classifier says anything but ``y`` (layers judged under its label).
     """
     check_budget(norm, eps)
     if mode not in ("orthogonal", "selective"):
@@ -477,15 +644,16 @@ def orthogonal_pgd(objective: PipelineObjective, x: torch.Tensor, t: torch.Tenso
             if idx.numel() == 0:
                 break
             xi = xa[idx].detach().requires_grad_(True)
-            terms = objective.terms(xi, tb[idx], names)
+            terms = objective.terms(xi, tb[idx], names, targeted=targeted, confidence=confidence)
             posts = {n: terms[n] for n in names if objective.kind(n) == "post"}
-            fooled = objective.verdict(xi, tb[idx], logits=terms["logits"], post_margins=posts).fooled
+            fooled = objective.verdict(xi, tb[idx], logits=terms["logits"], post_margins=posts, targeted=targeted).fooled
             step_of[idx[fooled]] = k
             if k == steps or fooled.all():
                 break
-            g_ce = torch.autograd.grad(terms["ce"].sum(), xi, retain_graph=True)[0]
+            g_ce = torch.autograd.grad(terms["loss"].sum(), xi, retain_graph=True)[0]
             g_det = {n: torch.autograd.grad(terms[n].sum(), xi, retain_graph=True)[0] for n in names}
-            hit = terms["logits"].argmax(1) == tb[idx]
+            pred = terms["logits"].argmax(1)
+            hit = pred == tb[idx] if targeted else pred != tb[idx]
             rejecting = {n: (terms[n] > -kappa).detach() for n in names}
             det_sum = sum(g * rejecting[n].view(-1, 1, 1, 1) for n, g in g_det.items())
             if mode == "orthogonal":
@@ -506,7 +674,7 @@ def orthogonal_pgd(objective: PipelineObjective, x: torch.Tensor, t: torch.Tenso
         succ.append(step_of)
     bar.close()
     return AttackResult(torch.cat(out), torch.cat(succ), {"norm": norm, "eps": eps, "steps": steps, "alpha": alpha,
-                                                          "kappa": kappa, "mode": mode})
+                                                          "kappa": kappa, "mode": mode, "targeted": targeted})
 
 
 # -- the paper's §6 case studies ----------------------------------------------------------
