@@ -51,6 +51,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from mixdefense.commands.results_index import sha256_file
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the datamodules package (as benchmarks/cgan_speed.py)
@@ -175,13 +177,6 @@ def decide_batched(decide: Callable[[torch.Tensor], Decision], x: torch.Tensor, 
         rejected.append(rej.cpu().bool())
     return torch.cat(labels), torch.cat(rejected)
 
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_commit() -> dict:
