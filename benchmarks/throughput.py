@@ -178,7 +178,6 @@ def decide_batched(decide: Callable[[torch.Tensor], Decision], x: torch.Tensor, 
     return torch.cat(labels), torch.cat(rejected)
 
 
-
 def git_commit() -> dict:
     """``{"commit": short hash or None, "dirty": bool or None}`` of the checkout holding this script."""
     def git(*args):
