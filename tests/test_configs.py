@@ -209,6 +209,26 @@ def test_saec_headers_state_their_commands():
             assert ("saec", action, "--config", saec) in stated, f"{saec}: no `mixdefense saec {action} --config {saec}`"
 
 
+def test_saec_header_commands_parse_with_their_overrides():
+    """Every ``mixdefense saec`` command a header states (overrides after ``--config`` included) parses as stated."""
+    from mixdefense.commands.saec import parse_args
+
+    seen = 0
+    for ds in DATASETS:
+        saec = EXPERIMENTS / ds / "saec.yaml"
+        if not saec.is_file():
+            continue
+        for line in header(saec):
+            m = re.search(r"mixdefense (saec .*)$", line)
+            if m:
+                argv = shlex.split(m.group(1))[1:]
+                args = parse_args(argv)
+                assert args.config == argv[argv.index("--config") + 1]
+                assert args.overrides == [a for a in argv if "=" in a], line
+                seen += bool(args.overrides)
+    assert seen, "no header states a saec command with overrides"
+
+
 @pytest.mark.parametrize("ds", DATASETS)
 def test_detector_yaml_operating_point(ds):
     path = EXPERIMENTS / ds / "detector.yaml"

@@ -135,12 +135,17 @@ def evaluate(cfg: dict, load_images: LoadImages) -> list[dict]:
     return rows
 
 
-def main(argv: list[str], data: Data) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """``action``, ``config`` and ``overrides`` (the ``key=value`` arguments, before or after ``--config``)."""
     ap = argparse.ArgumentParser(prog="mixdefense saec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=("calibrate", "evaluate"))
     ap.add_argument("--config", required=True, help="experiments/<dataset>/saec.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value OmegaConf overrides, e.g. calibration.num_images=2000")
-    args = ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # plain parse_args leaves overrides after --config unrecognised
+
+
+def main(argv: list[str], data: Data) -> int:
+    args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.action == "calibrate":
         calibrate(cfg, data.load_images)
