@@ -14,6 +14,7 @@ from scipy.ndimage import median_filter as scipy_median
 from mixdefense.classifiers import Classifier, load_classifier, save_classifier
 from mixdefense.commands.baselines import SQUEEZERS
 from mixdefense.evaluation.baselines import (
+    BundleBaseline,
     DetectorBaseline,
     RobustClassifier,
     load_baseline,
@@ -305,6 +306,26 @@ def test_baselines_plug_into_the_composite_and_its_bundle(tmp_path):
     # the first layer rejects exactly what it rejects alone; the second sees only the rest
     assert torch.equal(verdict.rejected_by("feature_squeezing"), fs(x[:64]))
     assert torch.equal(verdict.rejected, fs(x[:64]) | magnet(x[:64]))
+
+
+def test_a_bundle_variant_judges_the_same_aes_with_its_composite_verdict(tmp_path):
+    clf = _tiny_classifier()
+    x = torch.rand(120, 1, 28, 28)
+    fs = FeatureSqueezing(["bits:1", "median:2"], clf)
+    fs.calibrate(x, 0.1)
+    magnet = MagNet(MagNetAutoencoder(1), ["l1"], clf)
+    magnet.calibrate(x, 0.1)
+    variant = MixDefense(clf, [fs, magnet])
+    path = save_bundle(variant, tmp_path / "variant.pt")
+    base = load_baseline("variant", path, _tiny_classifier())  # same weights, another object
+    assert isinstance(base, BundleBaseline) and base.attack_model is None
+    labels, margins = base.labels_and_margins(x[:40])
+    verdict = variant.detect(x[:40])
+    assert torch.equal(margins > 1, verdict.rejected)  # the max margin rejects exactly what the composite rejects
+    assert torch.equal(labels, clf(x[:40]).argmax(1))
+    assert torch.equal(margins, torch.maximum(fs.margin(x[:40]), magnet.margin(x[:40], labels)))
+    with pytest.raises(ValueError, match="classifier differs"):
+        load_baseline("variant", path, _tiny_classifier(1))
 
 
 def test_load_baseline_by_file_kind(tmp_path):
