@@ -47,7 +47,7 @@ EVAL_ARGS ?=
 ADAPTIVE_ARGS ?=
 
 .PHONY: help install data test test-slow demo train-classifier train-cgan evaluate-cgan train-metric evaluate-contranet \
-	calibrate bundle ship evaluate saec adaptive train-madry train-magnet baselines compare results-index clean-runs
+	calibrate bundle ship evaluate saec adaptive train-madry train-magnet baselines compare variants results-index clean-runs
 
 help:
 	@echo "make demo                          the main job (installs, fetches data, runs): the shipped MNIST detector against"
@@ -76,6 +76,8 @@ help:
 	@echo "make baselines DATASET=ds          calibrate Feature Squeezing and MagNet (experiments/ds/detector.yaml: target_frr)"
 	@echo "                                   -> artifacts/candidates/ds/"
 	@echo "make compare DATASET=ds            MixDefense, Feature Squeezing, MagNet, Madry, undefended on the same curves"
+	@echo "make variants DATASET=ds           the paper variant beside MixDefense+ (the shipped bundle) on the same AEs"
+	@echo "                                   (experiments/ds/variants.yaml; mnist so far) -> results/experiments/ds/variants/"
 	@echo "make adaptive DATASET=ds           the complete adaptive evaluation (untargeted + top-3 goals, L∞ + L2, oblivious /"
 	@echo "                                   adaptive / Orthogonal / channel-tied / low-frequency PGD, Square, HopSkipJump)"
 	@echo "                                   + robust-accuracy table (Tramèr ε/2) + paper §6; resumable (runs/ds/adaptive_partial)"
@@ -196,6 +198,12 @@ baselines: $(STAMP) data
 
 compare: $(STAMP) data
 	$(MD) test $(COMMON) --config $(EXP)/evaluate.yaml --config $(EXP)/compare.yaml $(ARGS)
+
+# Issue 23: the paper variant's bundle (a candidate; experiments/$(DATASET)/variants.yaml says how it is built) as a
+# compared defense beside the shipped MixDefense+ on the evaluate sweep's AEs.
+variants: $(STAMP) data
+	@[ -f $(EXP)/variants.yaml ] || { echo "no $(EXP)/variants.yaml: $(DATASET)'s paper variant is not built yet (MODEL_CARD.md: variants)"; exit 2; }
+	$(MD) test $(COMMON) --config $(EXP)/evaluate.yaml --config $(EXP)/variants.yaml $(ARGS)
 
 # The complete adaptive evaluation -> results/$(DATASET)/adaptive/ (docs/adaptive.md): 500 images, 100 steps,
 # 2 restarts; goals untargeted + topk:3; L∞ and L2 at the robustness sweep's budgets; oblivious / adaptive /

@@ -307,6 +307,14 @@ def test_make_runs_the_header_commands(ds):
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_variants_runs_the_header_command_where_a_variants_file_exists():
+    found = [ds for ds in DATASETS if (EXPERIMENTS / ds / "variants.yaml").is_file()]
+    assert "mnist" in found
+    for ds in found:
+        assert make_n("variants", f"DATASET={ds}") == [run_command(f"experiments/{ds}/variants.yaml")]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_make_demo_runs_the_demo_header_command():
     assert make_n("demo") == [run_command("experiments/mnist/demo.yaml")]
 
