@@ -77,7 +77,7 @@ help:
 	@echo "                                   -> artifacts/candidates/ds/"
 	@echo "make compare DATASET=ds            MixDefense, Feature Squeezing, MagNet, Madry, undefended on the same curves"
 	@echo "make variants DATASET=ds           the paper variant beside MixDefense+ (the shipped bundle) on the same AEs"
-	@echo "                                   (experiments/ds/variants.yaml; mnist so far) -> results/experiments/ds/variants/"
+	@echo "                                   (experiments/ds/variants.yaml; mnist and gtsrb) -> results/experiments/ds/variants/"
 	@echo "make adaptive DATASET=ds           the complete adaptive evaluation (untargeted + top-3 goals, L∞ + L2, oblivious /"
 	@echo "                                   adaptive / Orthogonal / channel-tied / low-frequency PGD, Square, HopSkipJump)"
 	@echo "                                   + robust-accuracy table (Tramèr ε/2) + paper §6; resumable (runs/ds/adaptive_partial)"
