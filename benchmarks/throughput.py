@@ -12,12 +12,16 @@ of real test images (the first ``--batch`` images of the protocol's test split, 
   ``x`` and on every squeezed copy; MagNet's autoencoder, its detectors and the classifier (the label is the
   classifier's on the reformed ``AE(x)``).  A file that is not shipped is recorded as such.
 
-Speed variants (``--variants``; ``+`` combines them, e.g. ``bf16+channels_last``), applied to the *networks*
+Speed variants (``--variants``; ``+`` combines them, e.g. ``bf16+channels_last``; :mod:`mixdefense.speed`, which
+``mixdefense detect --speed`` also uses), applied to the *networks*
 of each path — the classifier, ContraNet's cGAN reconstructor and metric net, MagNet's autoencoder — while the
 statistical parts (SAEC, the squeezers, scores and thresholds) stay float32:
 
 * ``fp32`` — the reference;
 * ``bf16`` — the networks' forward under ``torch.autocast("cpu", torch.bfloat16)``, outputs cast back to float32;
+* ``bf16_layers`` — the same autocast on the detector layers' networks only (ContraNet's reconstructor and metric
+  net, MagNet's autoencoder); the classifier stays float32, so the labels are float32's (no-op for the classifier
+  alone and Feature Squeezing, which own no network besides it);
 * ``channels_last`` — networks and input in channels-last memory format;
 * ``compile`` — ``nn.Module.compile()`` of each network (``torch.compile``, default mode); a failure is recorded.
 
@@ -45,21 +49,27 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from mixdefense.commands.results_index import sha256_file
+from mixdefense.speed import (  # noqa: F401
+    TRANSFORMS,
+    apply_variant,
+    autocast_bf16,
+    layer_networks,
+    parse_variant,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the datamodules package (as benchmarks/cgan_speed.py)
 
-#: the speed transforms a variant combines ("+"), applied in this order
-TRANSFORMS = ("channels_last", "bf16", "compile")
-DEFAULT_VARIANTS = ("fp32", "bf16", "channels_last", "bf16+channels_last", "compile")
+DEFAULT_VARIANTS = ("fp32", "bf16", "channels_last", "bf16+channels_last", "compile", "channels_last+compile",
+                    "bf16_layers+channels_last", "bf16_layers+channels_last+compile")
 DETECTORS = ("classifier", "mixdefense", "feature_squeezing", "magnet")
 MIN_AGREEMENT = 0.999
 
@@ -114,60 +124,6 @@ def tile(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.repeat((n + len(x) - 1) // len(x), *([1] * (x.dim() - 1)))[:n].contiguous()
 
 
-def parse_variant(name: str) -> tuple[str, ...]:
-    """``"fp32"`` → ``()``, ``"bf16+channels_last"`` → ``("channels_last", "bf16")`` (in :data:`TRANSFORMS` order)."""
-    parts = [p for p in name.split("+") if p]
-    if parts == ["fp32"]:
-        return ()
-    unknown = [p for p in parts if p not in TRANSFORMS]
-    if not parts or unknown or len(set(parts)) != len(parts):
-        raise ValueError(f"variant {name!r}: expected 'fp32' or '+'-joined distinct names from {TRANSFORMS}")
-    return tuple(t for t in TRANSFORMS if t in parts)
-
-
-def _float_outputs(out):
-    if isinstance(out, torch.Tensor):
-        return out.float() if out.is_floating_point() else out
-    if isinstance(out, (tuple, list)):
-        return type(out)(_float_outputs(o) for o in out)
-    if isinstance(out, dict):
-        return {k: _float_outputs(v) for k, v in out.items()}
-    return out
-
-
-def autocast_bf16(module: nn.Module) -> nn.Module:
-    """Run ``module``'s forward under CPU bf16 autocast, its floating outputs cast back to float32 (in place)."""
-    forward = module.forward
-
-    def bf16_forward(*args, **kwargs):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = forward(*args, **kwargs)
-        return _float_outputs(out)
-
-    module.forward = bf16_forward
-    return module
-
-
-def apply_variant(nets: Sequence[nn.Module], transforms: Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Apply ``transforms`` to the networks in place; returns the matching input transform."""
-    for net in nets:
-        if "channels_last" in transforms:
-            net.to(memory_format=torch.channels_last)
-        if "bf16" in transforms:
-            autocast_bf16(net)
-        if "compile" in transforms:
-            net.compile()
-    if "channels_last" in transforms:
-        return lambda x: x.contiguous(memory_format=torch.channels_last)
-    return lambda x: x
-
-
-def layer_networks(layer: nn.Module) -> list[nn.Module]:
-    """The networks a detector layer owns: its direct children with parameters (ContraNet's reconstructor and
-    metric net, MagNet's autoencoder; none for SAEC and Feature Squeezing)."""
-    return [m for _, m in layer.named_children() if any(True for _ in m.parameters())]
-
-
 def decide_batched(decide: Callable[[torch.Tensor], Decision], x: torch.Tensor, batch: int) -> Decision:
     """``decide`` over ``x`` in chunks of ``batch``; the verdicts concatenated on the CPU."""
     labels, rejected = [], []
@@ -202,8 +158,10 @@ def _relative(path: Path) -> str:
 
 # -- the decision paths ------------------------------------------------------------------------------------------
 
-def build_path(name: str, bundle, files: dict[str, Path]) -> tuple[Callable[[torch.Tensor], Decision], list[nn.Module]]:
-    """A fresh (float32) ``(decide, networks)`` of detector ``name``: ``decide(x) → (labels, rejected)``."""
+def build_path(name: str, bundle, files: dict[str, Path]
+               ) -> tuple[Callable[[torch.Tensor], Decision], list[nn.Module], list[nn.Module]]:
+    """A fresh (float32) ``(decide, networks, layer networks)`` of detector ``name``: ``decide(x) → (labels,
+    rejected)``; the layer networks are the networks other than the classifier."""
     if name == "classifier":
         clf = copy.deepcopy(bundle.classifier).eval()
 
@@ -211,7 +169,7 @@ def build_path(name: str, bundle, files: dict[str, Path]) -> tuple[Callable[[tor
             labels = clf(x).argmax(1)
             return labels, torch.zeros_like(labels, dtype=torch.bool)
 
-        return decide, [clf]
+        return decide, [clf], []
     if name == "mixdefense":
         det = copy.deepcopy(bundle).eval()
 
@@ -219,7 +177,8 @@ def build_path(name: str, bundle, files: dict[str, Path]) -> tuple[Callable[[tor
             v = det.detect(x)
             return v.labels, v.rejected
 
-        return decide, [det.classifier] + [net for layer in det.layers for net in layer_networks(layer)]
+        layer_nets = [net for layer in det.layers for net in layer_networks(layer)]
+        return decide, [det.classifier, *layer_nets], layer_nets
     from mixdefense.evaluation.baselines import load_baseline
 
     clf = copy.deepcopy(bundle.classifier).eval()
@@ -229,7 +188,8 @@ def build_path(name: str, bundle, files: dict[str, Path]) -> tuple[Callable[[tor
         labels, margins = baseline.labels_and_margins(x)
         return labels, margins > 1
 
-    return decide, [clf, *layer_networks(baseline.layer)]
+    layer_nets = layer_networks(baseline.layer)
+    return decide, [clf, *layer_nets], layer_nets
 
 
 def measure(name: str, variant: str, bundle, files, x_time, x_agree, reference: Decision | None, args) -> dict:
@@ -238,8 +198,8 @@ def measure(name: str, variant: str, bundle, files, x_time, x_agree, reference: 
     transforms = parse_variant(variant)
     graphs_before = _compiled_graphs()
     try:
-        decide, nets = build_path(name, bundle, files)
-        prepare = apply_variant(nets, transforms)
+        decide, nets, layer_nets = build_path(name, bundle, files)
+        prepare = apply_variant(nets, transforms, layer_nets)
         xa, xt = prepare(x_agree), prepare(x_time)
 
         @torch.no_grad()
@@ -406,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         "images": f"the first {args.batch} images of the protocol's test split" + (" (tiled)" if len(x) < args.batch else ""),
         "agreement_images": len(x_agree), "agreement_images_sha256": digest, "min_agreement": args.min_agreement,
         "variant_scope": "transforms apply to the networks (classifier, ContraNet reconstructor and metric net, MagNet "
-                         "autoencoder); SAEC, squeezers, scores and thresholds stay float32",
+                         "autoencoder; bf16_layers: all but the classifier); SAEC, squeezers, scores and thresholds "
+                         "stay float32",
         **git_commit(),
         "platform": {"machine": platform.processor() or platform.machine(), "system": platform.platform(),
                      "python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count()},

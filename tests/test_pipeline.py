@@ -11,7 +11,7 @@ from mixdefense.classifiers import Classifier
 from mixdefense.layers.contranet import ContraNet
 from mixdefense.layers.saec import SAEC
 from mixdefense.nets import EmbeddingNet, Reconstructor
-from mixdefense.pipeline import MixDefense, save_bundle
+from mixdefense.pipeline import MixDefense, load_detector, save_bundle
 
 
 class CountingClassifier(Classifier):
@@ -163,6 +163,41 @@ def test_detect_cli_on_pngs_folders_and_tensors(bundle_path, tmp_path, capsys):
     assert all(r["label"] is None or 0 <= r["label"] < 10 for r in records)
     assert main(["detect", "--bundle", str(bundle_path), str(folder)]) == 0
     assert "3 image(s)" in capsys.readouterr().out
+
+
+def test_detect_cli_speed_settings(bundle_path, tmp_path, capsys):
+    """``--speed channels_last`` gives float32's verdicts; an unknown variant is refused with a reason."""
+    import json
+
+    from mixdefense.cli import main
+
+    torch.save(_images(12), tmp_path / "batch.pt")
+    assert main(["detect", "--bundle", str(bundle_path), str(tmp_path / "batch.pt"), "--json"]) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    assert main(["detect", "--bundle", str(bundle_path), str(tmp_path / "batch.pt"), "--json",
+                 "--speed", "channels_last"]) == 0
+    assert json.loads(capsys.readouterr().out) == fp32
+    assert main(["detect", "--bundle", str(bundle_path), str(tmp_path / "batch.pt"), "--speed", "fp16"]) == 2
+    assert "--speed" in capsys.readouterr().err
+
+
+def test_accelerate_bf16_layers_leaves_the_classifier_float32(bundle_path):
+    from mixdefense.speed import accelerate, layer_networks
+
+    x = _images(12)
+    reference = load_detector(bundle_path).eval()
+    detector = accelerate(load_detector(bundle_path).eval(), "bf16_layers+channels_last")
+    layer_nets = [n for layer in detector.layers for n in layer_networks(layer)]
+    assert len(layer_nets) == 2  # ContraNet's reconstructor and metric net; SAEC owns none
+    assert all("forward" in vars(n) for n in layer_nets)  # wrapped in bf16 autocast
+    assert "forward" not in vars(detector.classifier)
+    with torch.no_grad():
+        assert torch.allclose(detector.classifier(x), reference.classifier(x), atol=1e-5)
+        y = torch.zeros(12, dtype=torch.long)
+        got, want = detector.layers[1].score(x, y), reference.layers[1].score(x, y)
+        assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=0.1, atol=0.05)  # bf16 rounding only
+    with pytest.raises(ValueError):
+        accelerate(reference, "bf16+bf16_layers")
 
 
 @pytest.mark.parametrize("make,reason", [

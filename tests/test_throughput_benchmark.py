@@ -69,7 +69,8 @@ def test_time_is_positive(one_thread):
 def test_parse_variant_and_tile():
     assert tp.parse_variant("fp32") == ()
     assert tp.parse_variant("channels_last+bf16") == ("channels_last", "bf16")
-    for bad in ("fp16", "bf16+bf16", "", "fp32+bf16"):
+    assert tp.parse_variant("compile+bf16_layers+channels_last") == ("channels_last", "bf16_layers", "compile")
+    for bad in ("fp16", "bf16+bf16", "", "fp32+bf16", "bf16+bf16_layers"):
         with pytest.raises(ValueError):
             tp.parse_variant(bad)
     x = torch.arange(3).float().view(3, 1, 1, 1)
@@ -122,3 +123,27 @@ def test_layer_networks_and_best_usable():
     assert s["mixdefense"]["best_ratio"] == pytest.approx(3.0 / 12.0)
     assert s["mixdefense"]["fp32_ratio"] == pytest.approx(0.2)
     assert s["magnet"] == {"status": "not shipped"}
+
+
+def test_bf16_layers_autocasts_the_layer_networks_only(one_thread):
+    """``bf16_layers``: the detector layers' networks compute in bf16 (their outputs cast back to float32), the
+    classifier stays float32; ``bf16`` autocasts both; a layer net outside ``nets`` is refused."""
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 8, 8)
+    ref_clf, ref_layer = _tiny(), _tiny()
+    with torch.no_grad():
+        want_clf, want_layer = ref_clf(x), ref_layer(x)
+    for transforms, clf_exact, layer_exact in ((("bf16_layers",), True, False), (("bf16",), False, False),
+                                               (("channels_last",), True, True)):
+        clf, layer = _tiny(), _tiny()
+        clf.load_state_dict(ref_clf.state_dict())
+        layer.load_state_dict(ref_layer.state_dict())
+        prepare = tp.apply_variant([clf, layer], transforms, layer_nets=[layer])
+        with torch.no_grad():
+            got_clf, got_layer = clf(prepare(x)), layer(prepare(x))
+        assert got_clf.dtype == got_layer.dtype == torch.float32
+        assert torch.allclose(got_clf, want_clf, atol=1e-6) is clf_exact, transforms
+        assert torch.allclose(got_layer, want_layer, atol=1e-6) is layer_exact, transforms
+        assert torch.allclose(got_layer, want_layer, atol=5e-2)  # bf16 rounds; it does not compute something else
+    with pytest.raises(ValueError):
+        tp.apply_variant([_tiny()], ("bf16_layers",), layer_nets=[_tiny()])

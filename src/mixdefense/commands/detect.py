@@ -112,14 +112,24 @@ def main(argv: list[str]) -> int:
     ap.add_argument("inputs", nargs="+", help="image files, folders, or .pt tensor files")
     ap.add_argument("--json", action="store_true", help="print one JSON list instead of text lines")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--speed", default="fp32", metavar="VARIANT",
+                    help="speed settings of the networks (mixdefense.speed): fp32 (default) or '+'-joined from "
+                         "channels_last, bf16, bf16_layers, compile; benchmarks/results/throughput_<ds>.md says which "
+                         "agree with fp32 on >= 99.9 %% of the test images")
     args = ap.parse_args(argv)
     if args.batch_size < 1:
         print(f"mixdefense detect: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
     from mixdefense.pipeline import load_detector
+    from mixdefense.speed import accelerate, parse_variant
 
     try:
-        detector = load_detector(args.bundle)
+        parse_variant(args.speed)
+    except ValueError as err:
+        print(f"mixdefense detect: --speed: {err}", file=sys.stderr)
+        return 2
+    try:
+        detector = accelerate(load_detector(args.bundle).eval(), args.speed)
     except (FileNotFoundError, ValueError) as err:
         print(f"mixdefense detect: {err}", file=sys.stderr)
         return 2
