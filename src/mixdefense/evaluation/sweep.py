@@ -227,7 +227,8 @@ def comparison_table(result: dict, frr=None) -> str:
     op = result["clean"]["operating_points"][str(frr)]
     lines.append("| clean accuracy (rejections count as errors) | " + " | ".join(
         f"{100 * op[n]['accuracy']:.2f} %" if n in op and op[n]["accuracy"] == op[n]["accuracy"] else "—" for n in names) + " |")
-    lines.append("| clean false rejection (correctly classified test images) | " + " | ".join(
+    split = result.get("test_images", {}).get("split", "test")
+    lines.append(f"| clean false rejection (correctly classified {split} images) | " + " | ".join(
         f"{100 * op[n]['false_rejection']:.2f} %" if n in op and n not in never_reject else "—" for n in names) + " |")
     lines.append("| misclassified clean images rejected (a catch) | " + " | ".join(
         f"{op[n]['misclassified_rejected']} / {op[n]['misclassified']}" if n in op and n not in never_reject else "—"
