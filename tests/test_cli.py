@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mixdefense.cli import main
 
@@ -116,6 +117,36 @@ def test_metric_profiles_parse(dataset, profile, tmp_path, monkeypatch, capsys):
     assert stop.value.code == 0
     out = capsys.readouterr().out
     assert "MetricModule" in out and ("mobilenet_v2" in out) == (profile == "metric_paper.yaml")
+
+
+def test_contranet_evaluate_measures_on_the_split_asked_for(tmp_path):
+    """``--split selection``: the label AUROC and the attacks read the selection split's images, and the
+    report says so (thresholds still from the calibration split)."""
+    import argparse
+
+    from mixdefense.commands.contranet import evaluate, markdown_table
+
+    asked = []
+
+    def load_images(ds, split, n):
+        asked.append(split)
+        g = torch.Generator().manual_seed(1)
+        return torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+    def load_calibration(ds, split, n):
+        x, y = load_images(ds, "val", n)
+        return x, y, {"split": split}
+
+    args = argparse.Namespace(dataset="mnist", cgan=str(REPO / "artifacts/mnist/cgan.pt"),
+                              metric=str(REPO / "artifacts/mnist/metric.pt"),
+                              classifier=str(REPO / "artifacts/mnist/classifier.pt"), bundle=str(tmp_path / "c.pt"),
+                              target_frr=0.05, calibration_images=20, calibration_split="val", num_images=12,
+                              wrong_labels=1, eps=[8.0], attacks=["fgsm"], unbudgeted_images=4, min_successes=1,
+                              batch_size=50, out=str(tmp_path / "out"), split="selection")
+    result = evaluate(args, load_images, load_calibration)
+    assert asked == ["val", "selection"] and result["split"] == "selection"
+    table = markdown_table(result)
+    assert "12 selection images" in table and "test images" not in table
 
 
 def test_metric_trains_exports_and_contranet_evaluates_end_to_end(data_root, tmp_path, monkeypatch, capsys):

@@ -12,9 +12,10 @@ Steps (paper §4 and §5):
    both at a *combined* 5 %, as the authors' follow-up code does);
 3. save the ``metric`` detector as a plain-weights file (``--bundle``, default
    ``artifacts/candidates/<ds>/contranet.pt``: a shipped file is replaced only when asked);
-4. on test images: **label AUROC** — score with the true label against score with random
-   wrong labels (``--wrong-labels`` per image) — per variant;
-5. **attacks** on correctly classified test images: FGSM and PGD (L∞) at ``--eps``
+4. on test images (``--split selection``: the selection split's, where variants are chosen): **label AUROC**
+   — score with the true label against score with random wrong labels (``--wrong-labels`` per image) — per
+   variant;
+5. **attacks** on correctly classified images of the same split: FGSM and PGD (L∞) at ``--eps``
    (×1/255) and C&W (L2, torchattacks defaults of :mod:`mixdefense.attacks`); per attack
    point and variant: attack success rate, detection rate of the successful AEs at the
    calibrated threshold, clean false rejection on their originals, AUROC, Acc_detector.
@@ -71,7 +72,10 @@ def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
     ap.add_argument("--calibration-split", choices=("val", "test_calibration"), default=None,
                     help="the thresholds' images (default: the operating point's, experiments/<ds>/detector.yaml): "
                          "the validation split, or a test-set calibration split (mixdefense.splits)")
-    ap.add_argument("--num-images", type=int, default=1000, help="test images for the label AUROC and the attacks")
+    ap.add_argument("--num-images", type=int, default=1000, help="images (of --split) for the label AUROC and the attacks")
+    ap.add_argument("--split", choices=("test", "selection"), default="test",
+                    help="where the label AUROC and the attacks are measured: the protocol's test split (what results "
+                         "report) or its selection split (where choices between variants are made)")
     ap.add_argument("--wrong-labels", type=int, default=3, help="random wrong labels per test image (label AUROC)")
     ap.add_argument("--eps", type=float, nargs="+", default=[2, 4, 8],
                     help="budgets of the budgeted attacks: ×1/255 for L∞ ones, whole-image L2 for L2 ones")
@@ -187,7 +191,8 @@ def markdown_table(result: dict) -> str:
     names = list(VARIANTS)
     source = ("correctly classified test-calibration" if result.get("calibration_source", {}).get("split") == "test_calibration"
               else "correctly classified validation")
-    lines = [(f"# ContraNet on {result['dataset']}: {result['num_images']} test images, thresholds at "
+    split = result.get("split", "test")
+    lines = [(f"# ContraNet on {result['dataset']}: {result['num_images']} {split} images, thresholds at "
               f"{100 * result['target_frr']:.0f} % clean false rejection ({result['calibration_images']} {source} images)"), "",
              "Label AUROC (score with the true label vs with wrong labels):", "",
              "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
@@ -196,9 +201,9 @@ def markdown_table(result: dict) -> str:
              "",
              "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
              "| " + " | ".join(_fmt(result.get("label_auroc_confusable", {}).get(n), False) for n in names) + " |", "",
-             "Clean false rejection on the test images (predicted labels): "
+             f"Clean false rejection on the {split} images (predicted labels): "
              + ", ".join(f"{n} {_fmt(result['test_clean_frr'][n])} %" for n in names), "",
-             "Attacks (successful AEs from correctly classified test images): detection rate % / AUROC "
+             f"Attacks (successful AEs from correctly classified {split} images): detection rate % / AUROC "
              "(points with fewer than the minimum successful AEs in brackets)", "",
              "| attack | ε | success % | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     points: dict[tuple, dict[str, dict]] = {}
@@ -234,7 +239,7 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages, load_calibration
     bundle = Path(args.bundle or f"artifacts/candidates/{ds}/contranet.pt")
     variants["metric"].save(bundle, dataset=ds)
 
-    x_test, y_test = load_images(ds, "test", args.num_images)
+    x_test, y_test = load_images(ds, getattr(args, "split", "test"), args.num_images)
     with torch.no_grad():
         logits = torch.cat([classifier(b) for b in x_test.split(args.batch_size)])
     wrong_sets = {"random": sample_wrong_labels(y_test, full.num_classes, args.wrong_labels, torch.Generator().manual_seed(0)),
@@ -245,7 +250,7 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages, load_calibration
     x_ok, y_ok = correctly_classified(classifier, x_test, y_test)
     rows = attack_points(args, classifier, table, variants, x_ok, y_ok)
 
-    result = {"dataset": ds, "num_images": len(y_test), "correctly_classified": len(y_ok),
+    result = {"dataset": ds, "split": getattr(args, "split", "test"), "num_images": len(y_test), "correctly_classified": len(y_ok),
               "calibration_images": len(y_cal), "calibration_source": source, "target_frr": args.target_frr,
               "calibration": {n: d.calibration.as_dict() for n, d in variants.items()},
               "label_auroc": aurocs["random"], "label_auroc_confusable": aurocs["confusable"],
@@ -255,7 +260,7 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages, load_calibration
     atomic_write_text(out / "contranet_eval.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "contranet_table.md", markdown_table(result))
     score_histograms(hist, variants["metric"].thresholds[0].item(), out / "label_scores.png", log=False,
-                     xlabel="d(M(x), M(G(E(x), label)))", title=f"{ds}: ContraNet metric score on test images")
+                     xlabel="d(M(x), M(G(E(x), label)))", title=f"{ds}: ContraNet metric score on {result['split']} images")
     return result
 
 
