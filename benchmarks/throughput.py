@@ -56,13 +56,7 @@ import torch
 import torch.nn as nn
 
 from mixdefense.commands.results_index import sha256_file
-from mixdefense.speed import (  # noqa: F401
-    TRANSFORMS,
-    apply_variant,
-    autocast_bf16,
-    layer_networks,
-    parse_variant,
-)
+from mixdefense.speed import TRANSFORMS, apply_variant, layer_networks, parse_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

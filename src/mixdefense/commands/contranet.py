@@ -239,7 +239,7 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages, load_calibration
     bundle = Path(args.bundle or f"artifacts/candidates/{ds}/contranet.pt")
     variants["metric"].save(bundle, dataset=ds)
 
-    x_test, y_test = load_images(ds, getattr(args, "split", "test"), args.num_images)
+    x_test, y_test = load_images(ds, args.split, args.num_images)
     with torch.no_grad():
         logits = torch.cat([classifier(b) for b in x_test.split(args.batch_size)])
     wrong_sets = {"random": sample_wrong_labels(y_test, full.num_classes, args.wrong_labels, torch.Generator().manual_seed(0)),
@@ -250,7 +250,7 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages, load_calibration
     x_ok, y_ok = correctly_classified(classifier, x_test, y_test)
     rows = attack_points(args, classifier, table, variants, x_ok, y_ok)
 
-    result = {"dataset": ds, "split": getattr(args, "split", "test"), "num_images": len(y_test), "correctly_classified": len(y_ok),
+    result = {"dataset": ds, "split": args.split, "num_images": len(y_test), "correctly_classified": len(y_ok),
               "calibration_images": len(y_cal), "calibration_source": source, "target_frr": args.target_frr,
               "calibration": {n: d.calibration.as_dict() for n, d in variants.items()},
               "label_auroc": aurocs["random"], "label_auroc_confusable": aurocs["confusable"],
