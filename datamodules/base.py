@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from mixdefense.splits import protocol_splits
+from mixdefense.splits import CALIBRATION_SPLITS, protocol_splits
 
 
 def default_data_root() -> Path:
@@ -90,6 +90,8 @@ def random_hflip(x: torch.Tensor, generator: torch.Generator | None = None) -> t
 
 #: values of ``test_split``
 TEST_SPLIT_CHOICES = ("test", "selection", "calibration", "all")
+#: values of ``val_grouping``
+VAL_GROUPINGS = ("random", "groups")
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -104,6 +106,11 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes (0 is fastest for in-memory data on a CPU).
         val_fraction: share of the training set held out for validation (seeded split).
         seed: seed of the train/validation split.
+        val_grouping: how the validation images are drawn: ``"random"`` (default: single images;
+            on a dataset of video frames they have near twins in the training split) or
+            ``"groups"`` (whole groups of :meth:`train_groups`, e.g. GTSRB's physical-sign tracks,
+            class-stratified: validation images of objects never trained on, the calibration split
+            ``"val_groups"``).  Parts calibrated on such a split must be trained with the same setting.
         augment: apply random translation (and flip, where the dataset allows) to training batches.
         translate: maximal shift in pixels of the random translation.
         train_subset / test_subset: keep only the first N images of a split (quick runs, tests).
@@ -148,6 +155,7 @@ class ImageDataModule(pl.LightningDataModule):
         class_balance: float = 0.0,
         train_indices: bool = False,
         test_split: str = "test",
+        val_grouping: str = "random",
     ):
         super().__init__()
         image_size = self.default_image_size if image_size is None else image_size
@@ -163,6 +171,8 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"class_balance must be in [0, 1], got {class_balance}")
         if translate < 0:
             raise ValueError(f"translate must be >= 0 pixels, got {translate}")
+        if val_grouping not in VAL_GROUPINGS:
+            raise ValueError(f"val_grouping must be one of {VAL_GROUPINGS}, got {val_grouping!r}")
         if test_split not in TEST_SPLIT_CHOICES:
             raise ValueError(f"test_split must be one of {TEST_SPLIT_CHOICES}, got {test_split!r}")
         for key, value in (("train_subset", train_subset), ("test_subset", test_subset)):
@@ -182,6 +192,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.class_balance = class_balance
         self.train_indices = train_indices
         self.test_split = test_split
+        self.val_grouping = val_grouping
         self.split_indices: dict[str, torch.Tensor] = {}
         self.data_train: ImageTensorDataset | None = None
         self.data_val: ImageTensorDataset | None = None
@@ -258,12 +269,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.check_split(images, labels, "train")
             if self.train_subset:
                 images, labels = images[: self.train_subset], labels[: self.train_subset]
-            n_val = int(round(len(labels) * self.val_fraction))
-            perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-            # the validation images stay in the seeded random order: a class-sorted source (GTSRB)
-            # would otherwise put only its first classes in a truncated validation (limit_val_batches,
-            # the first N calibration images)
-            val_idx, train_idx = perm[:n_val], perm[n_val:].sort().values
+            val_idx, train_idx = self._val_train_indices(labels)
             self.data_train = ImageTensorDataset(images[train_idx], labels[train_idx], with_index=self.train_indices)
             self.data_val = ImageTensorDataset(images[val_idx], labels[val_idx])
             #: where each training / validation image sits in the source training set (disjoint by construction)
@@ -284,6 +290,35 @@ class ImageDataModule(pl.LightningDataModule):
             #: which test images ``data_test`` holds (positions in the whole test set)
             self.split_indices["test"] = idx
 
+    def _val_train_indices(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(val_idx, train_idx)`` of the (possibly truncated) training set: disjoint, complete.
+
+        The validation images come in a seeded random order (a class-sorted source such as GTSRB would
+        otherwise put only its first classes in a truncated validation: ``limit_val_batches``, the first
+        N calibration images); the training indices are sorted.
+        """
+        n_val = int(round(len(labels) * self.val_fraction))
+        gen = torch.Generator().manual_seed(self.seed)
+        if self.val_grouping == "random":
+            perm = torch.randperm(len(labels), generator=gen)
+            return perm[:n_val], perm[n_val:].sort().values
+        groups = self.train_groups()
+        if groups is None:
+            raise ValueError(f"{self.name} has no groups of training images: val_grouping must be 'random'")
+        groups = groups[: len(labels)]
+        if n_val == 0:
+            return torch.empty(0, dtype=torch.long), torch.arange(len(labels))
+        from mixdefense.grouping import group_split
+
+        parts = group_split(groups, {"val": n_val, "train": None}, seed=self.seed, strata=labels)
+        val_idx = parts["val"][torch.randperm(len(parts["val"]), generator=gen)]
+        return val_idx, parts["train"].sort().values
+
+    def train_groups(self) -> torch.Tensor | None:
+        """Group ids ``[N]`` of the training images (one physical object, e.g. one sign's video track)
+        for ``val_grouping="groups"``; ``None`` (default): the dataset has no such structure."""
+        return None
+
     def test_groups(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """Group ids ``[N]`` of test images that must stay in one split (one physical object); ``None``: independent images."""
         return None
@@ -292,14 +327,17 @@ class ImageDataModule(pl.LightningDataModule):
         """``(x float [N, C, H, W] in [0, 1], y [N], source)``: the first ``n`` clean calibration images of ``split``.
 
         ``"val"``: the validation split the training configs hold out (``val_fraction=0.1``, seed 0),
-        source ``{"split": "val"}``; ``"test_calibration"``: the test set's calibration split
+        source ``{"split": "val"}``; ``"val_groups"``: the same share held out as whole groups
+        (``val_grouping="groups"``: objects the parts trained with that setting never saw), source
+        ``{"split": "val_groups"}``; ``"test_calibration"``: the test set's calibration split
         (:mod:`mixdefense.splits`), source ``{"split": "test_calibration", "test_indices": [...]}``.
         """
-        if split not in ("val", "test_calibration"):
-            raise ValueError(f"calibration split must be 'val' or 'test_calibration', got {split!r}")
+        if split not in CALIBRATION_SPLITS:
+            raise ValueError(f"calibration split must be one of {CALIBRATION_SPLITS}, got {split!r}")
         dm = type(self)(data_root=str(self.data_root), image_size=self.image_size, val_fraction=0.1, seed=0,
-                        test_split="calibration" if split == "test_calibration" else "test")
-        if split == "val":
+                        test_split="calibration" if split == "test_calibration" else "test",
+                        val_grouping="groups" if split == "val_groups" else "random")
+        if split in ("val", "val_groups"):
             dm.setup("fit")
             return dm.data_val.images[:n].float() / 255, dm.data_val.labels[:n], {"split": split}
         dm.setup("test")

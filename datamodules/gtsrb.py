@@ -12,9 +12,12 @@ its 10 nearest same-label images by 4×4 colour thumbnails; on the training set,
 give the tracks, 99.5 % of tracks stay whole: ``benchmarks/gtsrb_sign_groups.py``).  The groups
 are unions of similar tracks, up to a whole class, so the splits' class mixes differ: the
 selection split (2,460 images) holds 17 classes, the test split (10,170) 35 of the 43.  The groups
-are cached beside the images.  Thresholds are calibrated on the validation split (a class-balanced
-test-set calibration split cannot be cut from whole signs); its images have near twins in the
-training sequences, which the protocol's out-of-sample check on the test split measures.
+are cached beside the images.  A class-balanced test-set calibration split cannot be cut from whole
+signs, so thresholds come from the training set's held-out images: with ``val_grouping="random"``
+(the default) they are frames of the training tracks, near twins of images the parts trained on,
+and their thresholds reject more on new signs; with ``val_grouping="groups"`` whole tracks
+(:meth:`GTSRBDataModule.train_groups`, from the file names) are held out, class-stratified, and
+the calibration split ``"val_groups"`` holds signs the parts never saw.
 """
 
 from __future__ import annotations
@@ -28,6 +31,16 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from datamodules.base import ImageDataModule
+
+
+def track_id(path: str | Path, label: int) -> int:
+    """The track (physical sign) of a GTSRB training image from its file name ``<track>_<frame>.ppm``:
+    ``label * 10000 + track`` (track numbers restart in every class folder)."""
+    stem = Path(path).stem
+    track, sep, frame = stem.partition("_")
+    if not sep or not track.isdigit() or not frame.isdigit():
+        raise ValueError(f"not a GTSRB training file name <track>_<frame>.ppm: {path}")
+    return int(label) * 10000 + int(track)
 
 
 class GTSRBDataModule(ImageDataModule):
@@ -77,6 +90,13 @@ class GTSRBDataModule(ImageDataModule):
         torch.save(payload, tmp)
         tmp.replace(cache)
         return payload["images"], payload["labels"]
+
+    def train_groups(self) -> torch.Tensor:
+        """One group id per training image ``[39209]``: its physical sign's track (``class * 10000 + track``),
+        read from the file names ``GTSRB/Training/<class>/<track>_<frame>.ppm`` in the order the images
+        are loaded (``val_grouping="groups"``: a validation split of whole signs)."""
+        samples = torchvision.datasets.GTSRB(str(self.data_root), split="train", download=False)._samples
+        return torch.tensor([track_id(path, label) for path, label in samples], dtype=torch.long)
 
     def test_groups(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One group id per test image ``[12630]``: the physical signs (see the module docstring), computed

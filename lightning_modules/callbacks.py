@@ -90,6 +90,16 @@ class ExportClassifier(pl.Callback):
         self._export(trainer, pl_module, "test")
 
 
+def training_data_record(datamodule) -> dict:
+    """What a part was trained on, for its record: the dataset and how its validation images were held out
+    (``val_grouping``: a part calibrated on ``val_groups`` must have been trained with ``"groups"``); ``{}``
+    without an :class:`~datamodules.base.ImageDataModule`."""
+    if datamodule is None or not hasattr(datamodule, "val_grouping"):
+        return {}
+    return {"dataset": datamodule.name, "val_fraction": datamodule.val_fraction, "seed": datamodule.seed,
+            "val_grouping": datamodule.val_grouping, "train_subset": datamodule.train_subset}
+
+
 class ExportBestSubmodule(pl.Callback):
     """At the end of ``fit``, write one submodule of the LightningModule as a plain weights file.
 
@@ -130,6 +140,9 @@ class ExportBestSubmodule(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
         record = {"epochs": trainer.current_epoch, "global_step": trainer.global_step, "source_checkpoint": portable_path(best),
                   "best": best_metric or None, "last_metrics": metrics}
+        data = training_data_record(getattr(trainer, "datamodule", None))
+        if data:
+            record["data"] = data
         self.save(model, self.path, **record)
         summary = {"path": str(self.path), "size_bytes": self.path.stat().st_size, "config": model.config, **record}
         self.path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")

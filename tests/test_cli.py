@@ -98,6 +98,10 @@ def test_cgan_trains_exports_and_evaluates_end_to_end(data_root, tmp_path, monke
     record = json.loads((tmp_path / "artifacts/candidates/mnist/cgan.json").read_text())
     assert record["global_step"] == 2 * 3 and record["config"]["latent_dim"] == 16  # 3 optimizer steps per batch
     assert record["source_checkpoint"].endswith("best.ckpt") and "val/select" in record["best"]  # the best by SSIM × binding
+    # what it trained on, in the json and in the weights file (calibrating on val_groups checks it)
+    data = {"dataset": "mnist", "val_fraction": 0.1, "seed": 0, "val_grouping": "random", "train_subset": 200}
+    assert record["data"] == data
+    assert torch.load(tmp_path / "artifacts/candidates/mnist/cgan.pt", weights_only=True)["data"] == data
     assert list((tmp_path / "runs/mnist/cgan").rglob("grids/step*.png"))  # the Figure-8 grid of the validation
     monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))
     assert main(["cgan", "evaluate", "--dataset", "mnist", "--weights", "artifacts/candidates/mnist/cgan.pt",
@@ -147,6 +151,26 @@ def test_contranet_evaluate_measures_on_the_split_asked_for(tmp_path):
     assert asked == ["val", "selection"] and result["split"] == "selection"
     table = markdown_table(result)
     assert "12 selection images" in table and "test images" not in table
+
+
+def test_calibration_on_held_out_groups_refuses_parts_trained_on_them(tmp_path):
+    """``val_groups`` thresholds need parts trained with ``val_grouping="groups"``: a part without that record
+    (the shipped MNIST cGAN) or trained on the random split is refused by name; a part trained so passes."""
+    from mixdefense.io import check_calibration_held_out
+
+    shipped = REPO / "artifacts/mnist/cgan.pt"
+    with pytest.raises(ValueError, match=r"val_grouping groups.*cGAN .*not recorded"):
+        check_calibration_held_out("val_groups", {"cGAN": shipped})
+    payload = torch.load(shipped, weights_only=True)
+    for grouping, ok in (("random", False), ("groups", True)):
+        part = tmp_path / f"{grouping}.pt"
+        torch.save({**payload, "data": {"val_grouping": grouping}}, part)
+        if ok:
+            check_calibration_held_out("val_groups", {"cGAN": part})
+        else:
+            with pytest.raises(ValueError, match="val_grouping: random"):
+                check_calibration_held_out("val_groups", {"cGAN": part})
+    check_calibration_held_out("val", {"cGAN": shipped})  # the random split: nothing to check
 
 
 def test_metric_trains_exports_and_contranet_evaluates_end_to_end(data_root, tmp_path, monkeypatch, capsys):

@@ -31,8 +31,10 @@ DATASETS = sorted(p.name for p in EXPERIMENTS.iterdir() if p.is_dir() and p.name
 LIGHTNING = ("fit", "validate", "test", "predict")
 # files under experiments/<ds>/ that are not Lightning stages
 NOT_LIGHTNING = {"detector.yaml": "operating point", "saec.yaml": "mixdefense saec"}
+# candidate operating points beside detector.yaml: detector_<name>.yaml (the tools' --config)
+OPERATING_POINTS = sorted(p.relative_to(ROOT).as_posix() for ds in DATASETS for p in (EXPERIMENTS / ds).glob("detector*.yaml"))
 STAGES = sorted(p.relative_to(ROOT).as_posix() for ds in DATASETS for p in (EXPERIMENTS / ds).glob("*.yaml")
-                if p.name not in NOT_LIGHTNING)
+                if p.name not in NOT_LIGHTNING and not p.name.startswith("detector_"))
 
 # Keys whose artifacts/ paths are read (a shipped artifacts/<ds>/ file is right there) and keys that write
 # (candidates only).  A new key holding an artifacts/ path must be added to one of them.
@@ -229,12 +231,17 @@ def test_saec_header_commands_parse_with_their_overrides():
     assert seen, "no header states a saec command with overrides"
 
 
-@pytest.mark.parametrize("ds", DATASETS)
-def test_detector_yaml_operating_point(ds):
-    path = EXPERIMENTS / ds / "detector.yaml"
+@pytest.mark.parametrize("path", OPERATING_POINTS)
+def test_detector_yaml_operating_point(path):
+    from mixdefense.commands import operating_point
+    from mixdefense.splits import CALIBRATION_SPLITS
+
+    ds = Path(path).parent.name
+    path = ROOT / path
     op = yaml.safe_load(path.read_text())
     assert set(op) == {"calibration_split", "target_frr", "report_frrs", "calibration_images"}, path
-    assert op["calibration_split"] in ("val", "test_calibration")
+    assert op["calibration_split"] in CALIBRATION_SPLITS
+    assert {k: v for k, v in operating_point(ds, path).items() if k != "source"} == op  # the tools read it as written
     for rate in (op["target_frr"], *op["report_frrs"]):
         assert isinstance(rate, float) and 0.0 < rate < 1.0, f"{path}: {rate!r}"
     assert op["target_frr"] in op["report_frrs"], f"{path}: the shipped operating point is one of the reported ones"

@@ -113,6 +113,48 @@ def test_download_failure_is_reported_clearly(tmp_path, monkeypatch):
         dm.prepare_data()
 
 
+def test_gtsrb_grouped_validation_holds_whole_tracks_of_every_class(data_root):
+    """val_grouping="groups": the validation split is whole sign tracks (from the file names), never a
+    track shared with training, every class present, ~val_fraction of the images, seeded and in a
+    random order; the default random split keeps its images (it cuts tracks)."""
+    dm = GTSRBDataModule(data_root=str(data_root), val_grouping="groups")
+    dm.setup("fit")
+    groups = dm.train_groups()
+    source, labels = dm.load_split(train=True)
+    assert groups.shape == labels.shape and len(torch.unique(groups)) == 1307  # the 1,307 tracks of the training set
+    assert torch.equal(groups // 10000, labels)  # a track lies within its class
+    train, val = dm.split_indices["train"], dm.split_indices["val"]
+    assert not set(groups[train].tolist()) & set(groups[val].tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(len(labels)))
+    assert 0.09 < len(val) / len(labels) < 0.11
+    assert len(torch.unique(labels[val])) == 43 and len(torch.unique(dm.data_val.labels[:2000])) >= 40
+    assert torch.equal(dm.data_val.images, source[val])
+    again = GTSRBDataModule(data_root=str(data_root), val_grouping="groups")
+    again.setup("fit")
+    assert torch.equal(again.split_indices["val"], val)
+    plain = GTSRBDataModule(data_root=str(data_root))
+    plain.setup("fit")
+    shared = set(groups[plain.split_indices["train"]].tolist()) & set(groups[plain.split_indices["val"]].tolist())
+    assert len(shared) > 1000  # the random split puts frames of almost every track on both sides
+
+
+def test_grouped_validation_needs_groups_and_a_valid_setting(data_root):
+    with pytest.raises(ValueError, match="val_grouping"):
+        MNISTDataModule(val_grouping="tracks")
+    dm = MNISTDataModule(data_root=str(data_root), val_grouping="groups", train_subset=500)
+    with pytest.raises(ValueError, match="no groups"):
+        dm.setup("fit")
+
+
+def test_gtsrb_track_ids_come_from_the_file_names():
+    from datamodules.gtsrb import track_id
+
+    assert track_id("GTSRB/Training/00042/00007_00029.ppm", 42) == 420007
+    assert track_id("x/00000_00000.ppm", 0) == 0
+    with pytest.raises(ValueError, match="track"):
+        track_id("GTSRB/Final_Test/Images/00012.ppm", 3)
+
+
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="val_fraction"):
         MNISTDataModule(val_fraction=1.5)

@@ -51,6 +51,7 @@ def test_evaluations_may_not_reach_the_calibration_images():
     with pytest.raises(ValueError, match="were calibration images"):
         check_disjoint_from_calibration(record, torch.arange(12))
     check_disjoint_from_calibration({"split": "val"}, torch.arange(10 ** 4))  # validation calibration: no constraint
+    check_disjoint_from_calibration({"split": "val_groups"}, torch.arange(10 ** 4))  # held-out training groups: none either
     check_disjoint_from_calibration({}, torch.arange(10 ** 4))  # no recalibration recorded
     assert calibration_test_indices(record).tolist() == [7, 11, 900]
     with pytest.raises(ValueError, match="unknown calibration split"):
@@ -70,3 +71,20 @@ def test_load_images_gives_the_protocol_splits(data_root):
         load_calibration_images("mnist", "test", 7)
     with pytest.raises(ValueError, match="no test-set 'calibration' split"):
         load_calibration_images("mnist", "test_calibration", 7, data_root=str(data_root))
+
+
+def test_held_out_sign_tracks_are_a_calibration_split(data_root):
+    """``val_groups`` (GTSRB): the images of the datamodule's grouped validation split, the same through
+    ``load_images`` and ``load_calibration_images``, none of them a training image of that split."""
+    from datamodules.gtsrb import GTSRBDataModule
+    from mixdefense.cli import load_calibration_images, load_images
+
+    x, y, source = load_calibration_images("gtsrb", "val_groups", 50, data_root=str(data_root))
+    assert source == {"split": "val_groups"} and x.shape == (50, 3, 32, 32)
+    xi, yi = load_images("gtsrb", "val_groups", 50, data_root=str(data_root))
+    assert torch.equal(x, xi) and torch.equal(y, yi)
+    dm = GTSRBDataModule(data_root=str(data_root), val_grouping="groups")
+    dm.setup("fit")
+    assert torch.equal((x * 255).round().to(torch.uint8), dm.data_val.images[:50])
+    plain, _ = load_images("gtsrb", "val", 50, data_root=str(data_root))
+    assert not torch.equal(plain, x)

@@ -18,6 +18,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from mixdefense import splits as _splits
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -29,7 +31,8 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
 
     ``split="train"`` draws ``n`` images of the whole training set in a seeded random order;
     ``split="val"`` takes the first ``n`` images of the validation split the training
-    configs hold out (``val_fraction=0.1``, seed 0: never trained on);
+    configs hold out (``val_fraction=0.1``, seed 0: never trained on); ``"val_groups"`` the same
+    share held out as whole groups (GTSRB: sign tracks; ``val_grouping="groups"``);
     ``"test"``, ``"selection"`` and ``"test_calibration"`` take the first ``n`` images of the
     protocol's test, selection and test-set calibration splits (:mod:`mixdefense.splits`; the
     test split is what results report, the selection split is where choices are made);
@@ -40,7 +43,7 @@ def load_images(dataset: str, split: str, n: int | None = None, seed: int = 0, d
 
 
 def load_calibration_images(dataset: str, split: str, n: int, data_root: str | None = None):
-    """``(x, y, source)``: ``n`` clean calibration images of ``split`` (``"val"`` or ``"test_calibration"``).
+    """``(x, y, source)``: ``n`` clean calibration images of ``split`` (``"val"``, ``"val_groups"`` or ``"test_calibration"``).
 
     ``source`` is the record a calibration keeps of them: ``{"split": "val"}`` or
     ``{"split": "test_calibration", "test_indices": [...]}`` (:mod:`mixdefense.splits`).
@@ -55,7 +58,7 @@ def load_calibration_images(dataset: str, split: str, n: int, data_root: str | N
 
 
 #: the calibration splits :func:`load_calibration_images` knows
-CALIBRATION_SPLITS = ("val", "test_calibration")
+CALIBRATION_SPLITS = _splits.CALIBRATION_SPLITS
 _TEST_SPLITS = {"test": "test", "selection": "selection", "test_calibration": "calibration", "test_all": "all"}
 
 
@@ -68,11 +71,12 @@ def _load_split(dataset: str, split: str, n: int | None, seed: int, data_root: s
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATAMODULES)}")
     if n is not None and n < 1:
         raise ValueError(f"n must be None (all images) or >= 1, got {n}")
-    if split not in ("train", "val", *_TEST_SPLITS):
-        raise ValueError(f"split must be one of {('train', 'val', *_TEST_SPLITS)}, got {split!r}")
-    dm = DATAMODULES[dataset](data_root=data_root, val_fraction=0.1 if split == "val" else 0.0,
+    if split not in ("train", "val", "val_groups", *_TEST_SPLITS):
+        raise ValueError(f"split must be one of {('train', 'val', 'val_groups', *_TEST_SPLITS)}, got {split!r}")
+    dm = DATAMODULES[dataset](data_root=data_root, val_fraction=0.1 if split.startswith("val") else 0.0,
+                              val_grouping="groups" if split == "val_groups" else "random",
                               test_split=_TEST_SPLITS.get(split, "test"), **({"image_size": image_size} if image_size else {}))
-    if split == "val":
+    if split.startswith("val"):
         dm.setup("fit")
         images, labels = dm.data_val.images[:n], dm.data_val.labels[:n]
     elif split == "train":

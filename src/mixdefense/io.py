@@ -122,3 +122,21 @@ def save_configured(module: torch.nn.Module, path: str | Path, tag: str, **recor
 def load_configured(cls: type, path: str | Path, tag: str, what: str, map_location: str | torch.device = "cpu"):
     """Load :func:`save_configured`'s file (``weights_only=True``) back into ``cls``, in eval mode."""
     return build_configured(cls, load_tagged(path, tag, what, map_location))
+
+
+def check_calibration_held_out(split: str, parts: dict[str, str | Path]) -> None:
+    """Refuse to calibrate on ``split="val_groups"`` (whole held-out groups, e.g. GTSRB's sign tracks)
+    when a trained part's file does not record ``data.val_grouping == "groups"``: a part trained with the
+    random validation split has seen those groups' images, and thresholds set on them would be too tight
+    for new objects.  ``parts``: ``{name: file}`` of the trained parts (cGAN, M); other splits pass."""
+    if split != "val_groups":
+        return
+    bad = []
+    for name, path in parts.items():
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        grouping = (payload.get("data") or {}).get("val_grouping", "not recorded") if isinstance(payload, dict) else "not recorded"
+        if grouping != "groups":
+            bad.append(f"{name} {path} (val_grouping: {grouping})")
+    if bad:
+        raise ValueError("calibration split 'val_groups' needs parts trained with --data.init_args.val_grouping groups "
+                         "(they would otherwise have trained on the calibration images): " + "; ".join(bad))

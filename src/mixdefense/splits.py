@@ -26,6 +26,9 @@ import torch
 
 #: the splits of the test set, in the order they are taken from its end (no groups) or from the group order
 TEST_SPLITS = ("calibration", "selection", "test")
+#: where clean calibration images come from: the validation split held out of training (single images,
+#: ``"val"``, or whole groups such as GTSRB's sign tracks, ``"val_groups"``) or the test set's calibration split
+CALIBRATION_SPLITS = ("val", "val_groups", "test_calibration")
 
 
 def protocol_splits(num_test: int, sizes: dict[str, int], groups: torch.Tensor | None = None,
@@ -80,7 +83,7 @@ def calibration_test_indices(record: dict) -> torch.Tensor:
     """
     if record.get("split") == "test_calibration":
         return torch.as_tensor(record["test_indices"], dtype=torch.long)
-    if record.get("split") not in (None, "val"):
+    if record.get("split") not in (None, "val", "val_groups"):
         raise ValueError(f"unknown calibration split {record.get('split')!r} in the record (recalibrate: "
                          "`mixdefense bundle --dataset ...`)")
     return torch.empty(0, dtype=torch.long)

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mixdefense import splits as _splits
+
 #: defaults of :func:`operating_point` for a dataset without ``experiments/<ds>/detector.yaml``
 OPERATING_POINT_DEFAULTS: dict[str, Any] = {
     "calibration_split": "val", "target_frr": 0.01, "report_frrs": [0.01, 0.05], "calibration_images": 2000}
-CALIBRATION_SPLITS = ("val", "test_calibration")
+CALIBRATION_SPLITS = _splits.CALIBRATION_SPLITS
 
 
 @dataclass(frozen=True)

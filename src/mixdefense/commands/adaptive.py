@@ -88,7 +88,7 @@ from mixdefense.attacks.adaptive import (
 from mixdefense.attacks.gradient_free import PipelineQueries, hop_skip_jump, square_attack, within_budget
 from mixdefense.attacks.targets import is_targeted, mode_slug, target_mode, target_sets, wrong_targets
 from mixdefense.calibration import calibration_record
-from mixdefense.commands import Data, operating_point
+from mixdefense.commands import CALIBRATION_SPLITS, Data, operating_point
 from mixdefense.evaluation.case_studies import case_studies, contranet_layer
 from mixdefense.evaluation.curves import correctly_classified
 from mixdefense.evaluation.parts import PartStore
@@ -187,9 +187,9 @@ def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
                                                   "(default artifacts/<ds>/madry.pt; missing: 'not shipped')")
     ap.add_argument("--contranet-frr", type=float, default=0.05, help="ContraNet's clean false-rejection rate (recalibrated if needed)")
     ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for the recalibration")
-    ap.add_argument("--calibration-split", choices=("val", "test_calibration"), default=None,
+    ap.add_argument("--calibration-split", choices=CALIBRATION_SPLITS, default=None,
                     help="the recalibration's images (default: the operating point's, experiments/<ds>/detector.yaml): "
-                         "the validation split or the test set's calibration split (mixdefense.splits)")
+                         "the validation split (val: single images; val_groups: whole groups such as GTSRB's sign tracks) or the test set's calibration split (mixdefense.splits)")
     ap.add_argument("--case-images", type=int, default=100, help="images of the §6 case studies (numbers); 6 go in the grids")
     ap.add_argument("--case-steps", type=int, default=20, help="steps of the case studies' PGD variants (beside the paper's FGSM)")
     ap.add_argument("--seed", type=int, default=0)

@@ -26,7 +26,7 @@ import torch
 
 from mixdefense.calibration import calibration_record
 from mixdefense.classifiers import load_classifier
-from mixdefense.commands import Data, operating_point
+from mixdefense.commands import CALIBRATION_SPLITS, Data, operating_point
 from mixdefense.io import atomic_write_text
 from mixdefense.layers.magnet import MagNet, load_autoencoder
 from mixdefense.layers.squeezing import FeatureSqueezing
@@ -105,8 +105,8 @@ def main(argv: list[str], data: Data) -> int:
     cal.add_argument("--config", default=None, help="operating point (default experiments/<ds>/detector.yaml)")
     cal.add_argument("--frr", type=float, default=None, help="target clean false-rejection rate (default: target_frr)")
     cal.add_argument("--calibration-images", type=int, default=None, help="clean images for the thresholds (default: the operating point's)")
-    cal.add_argument("--calibration-split", choices=("val", "test_calibration"), default=None,
-                     help="the thresholds' images: the validation split or the test set's calibration split (mixdefense.splits)")
+    cal.add_argument("--calibration-split", choices=CALIBRATION_SPLITS, default=None,
+                     help="the thresholds' images: the validation split (val: single images; val_groups: whole groups such as GTSRB's sign tracks) or the test set's calibration split (mixdefense.splits)")
     cal.add_argument("--test-images", type=int, default=1000, help="test images for the clean checks")
     cal.add_argument("--out", default=None, help="report folder (default runs/<ds>/baselines)")
     args = ap.parse_args(argv)

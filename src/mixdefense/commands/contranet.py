@@ -40,10 +40,10 @@ from tqdm.auto import tqdm
 from mixdefense.attacks import get_attack, run_attack, run_sweep
 from mixdefense.calibration import calibration_record
 from mixdefense.classifiers import load_classifier
-from mixdefense.commands import Data, operating_point
+from mixdefense.commands import CALIBRATION_SPLITS, Data, operating_point
 from mixdefense.evaluation.curves import correctly_classified, point_metrics, predict
 from mixdefense.evaluation.plots import score_histograms
-from mixdefense.io import atomic_write_text
+from mixdefense.io import atomic_write_text, check_calibration_held_out
 from mixdefense.layers.contranet import ContraNet, predicted_labels
 from mixdefense.metrics import detection_auroc
 from mixdefense.nets import load_cgan, load_metric
@@ -69,9 +69,9 @@ def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
     ap.add_argument("--bundle", help="where to save the calibrated detector (default artifacts/candidates/<dataset>/contranet.pt)")
     ap.add_argument("--target-frr", type=float, default=0.05, help="clean false-rejection rate of the thresholds")
     ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for the thresholds")
-    ap.add_argument("--calibration-split", choices=("val", "test_calibration"), default=None,
+    ap.add_argument("--calibration-split", choices=CALIBRATION_SPLITS, default=None,
                     help="the thresholds' images (default: the operating point's, experiments/<ds>/detector.yaml): "
-                         "the validation split, or a test-set calibration split (mixdefense.splits)")
+                         "the validation split (val: single images; val_groups: whole groups such as GTSRB's sign tracks), or a test-set calibration split (mixdefense.splits)")
     ap.add_argument("--num-images", type=int, default=1000, help="images (of --split) for the label AUROC and the attacks")
     ap.add_argument("--split", choices=("test", "selection"), default="test",
                     help="where the label AUROC and the attacks are measured: the protocol's test split (what results "
@@ -225,8 +225,9 @@ def markdown_table(result: dict) -> str:
 def evaluate(args: argparse.Namespace, load_images: LoadImages, load_calibration: LoadCalibration) -> dict:
     ds = args.dataset
     split = args.calibration_split or operating_point(ds)["calibration_split"]
-    cgan = load_cgan(args.cgan or f"artifacts/{ds}/cgan.pt")
-    metric = load_metric(args.metric or f"artifacts/{ds}/metric.pt")
+    cgan_file, metric_file = args.cgan or f"artifacts/{ds}/cgan.pt", args.metric or f"artifacts/{ds}/metric.pt"
+    check_calibration_held_out(split, {"cGAN": cgan_file, "M": metric_file})
+    cgan, metric = load_cgan(cgan_file), load_metric(metric_file)
     classifier = load_classifier(args.classifier or f"artifacts/{ds}/classifier.pt")
     out = Path(args.out or f"results/{ds}/contranet")
     t0 = time.perf_counter()
