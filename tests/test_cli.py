@@ -251,3 +251,31 @@ def test_operating_point_config_is_checked(tmp_path):
     bad.write_text("calibration_split: holdout\n")  # the old last-2,000-test-images hold-out is gone
     with pytest.raises(ValueError, match="calibration_split"):
         operating_point("mnist", bad)
+
+
+def test_baselines_refuse_a_magnet_autoencoder_trained_on_the_held_out_groups(tmp_path):
+    """``baselines calibrate`` on ``val_groups``: the shipped GTSRB autoencoder (trained on the random split,
+    no record) is refused before MagNet is calibrated; Feature Squeezing, which trains nothing, is calibrated."""
+    from mixdefense.commands import Data
+    from mixdefense.commands.baselines import calibrate_baselines
+
+    from mixdefense.classifiers import load_classifier
+
+    classifier = load_classifier(REPO / "artifacts/gtsrb/classifier.pt")
+
+    def load_images(ds, split, n=None, **_):  # noise labelled as the classifier sees it: all "correctly classified"
+        x = torch.rand(n or 8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return x, classifier(x).argmax(1)
+
+    def load_calibration(ds, split, n):
+        return (*load_images(ds, split, n), {"split": split})
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for name in ("classifier.pt", "magnet_ae.pt"):
+        (parts / name).symlink_to(REPO / "artifacts/gtsrb" / name)
+    data = Data(datasets=["gtsrb"], load_images=load_images, load_calibration=load_calibration)
+    with pytest.raises(ValueError, match="MagNet's autoencoder .*not recorded"):
+        calibrate_baselines("gtsrb", parts, data, 0.1, 12, 4, "val_groups", tmp_path / "out")
+    assert (tmp_path / "out/feature_squeezing.pt").is_file() and not (tmp_path / "out/magnet.pt").exists()

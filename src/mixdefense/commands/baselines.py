@@ -27,7 +27,7 @@ import torch
 from mixdefense.calibration import calibration_record
 from mixdefense.classifiers import load_classifier
 from mixdefense.commands import CALIBRATION_SPLITS, Data, operating_point
-from mixdefense.io import atomic_write_text
+from mixdefense.io import atomic_write_text, check_calibration_held_out
 from mixdefense.layers.magnet import MagNet, load_autoencoder
 from mixdefense.layers.squeezing import FeatureSqueezing
 
@@ -54,8 +54,9 @@ def calibrate_baselines(dataset: str, parts: Path, data: Data, frr: float, calib
                         calibration_split: str = "val", out_parts: Path | None = None) -> dict:
     """Calibrate and save the baseline layers of ``dataset``; the report as a dict.
 
-    ``calibration_split`` is ``"val"`` or ``"test_calibration"`` (:mod:`mixdefense.splits`; the clean
-    checks take the first ``test_images`` of the protocol's test split, disjoint from both).
+    ``calibration_split`` is ``"val"``, ``"val_groups"`` (then MagNet's autoencoder must have been trained
+    with ``val_grouping: groups``) or ``"test_calibration"`` (:mod:`mixdefense.splits`; the clean checks
+    take the first ``test_images`` of the protocol's test split, disjoint from all three).
     Only the correctly classified calibration images set the thresholds.
     The calibrated layers are written to ``out_parts`` (default: ``parts``).
     """
@@ -80,6 +81,7 @@ def calibrate_baselines(dataset: str, parts: Path, data: Data, frr: float, calib
 
     ae_path = parts / "magnet_ae.pt"
     if ae_path.exists():
+        check_calibration_held_out(calibration_split, {"MagNet's autoencoder": ae_path})
         magnet = MagNet(load_autoencoder(ae_path), MAGNET_DETECTORS[dataset], classifier)
         mcal = magnet.calibrate(x_val, frr)
         magnet.save(out_parts / "magnet.pt", dataset=dataset, autoencoder=str(ae_path))
