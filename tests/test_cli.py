@@ -173,6 +173,30 @@ def test_calibration_on_held_out_groups_refuses_parts_trained_on_them(tmp_path):
     check_calibration_held_out("val", {"cGAN": shipped})  # the random split: nothing to check
 
 
+def test_a_calibrated_contranet_carries_its_parts_training_record(tmp_path):
+    """``contranet evaluate`` writes its cGAN's and M's ``data`` into the ContraNet file, so that ``mixdefense
+    bundle`` can refuse a ``val_groups`` calibration; parts that disagree never pass."""
+    from mixdefense.commands.contranet import joint_training_data
+    from mixdefense.io import check_calibration_held_out, training_data
+    from mixdefense.layers.contranet import ContraNet
+
+    files = {}
+    for name in ("cgan", "metric"):
+        payload = torch.load(REPO / f"artifacts/mnist/{name}.pt", weights_only=True)
+        for grouping in ("groups", "random"):
+            files[name, grouping] = tmp_path / f"{name}_{grouping}.pt"
+            torch.save({**payload, "data": {"dataset": "mnist", "val_grouping": grouping}}, files[name, grouping])
+    contranet = ContraNet.load(REPO / "artifacts/mnist/contranet.pt")
+    for cgan, metric, ok in (("groups", "groups", True), ("groups", "random", False), ("random", "random", False)):
+        out = contranet.save(tmp_path / "c.pt", data=joint_training_data(files["cgan", cgan], files["metric", metric]))
+        assert training_data(out)["metric"]["val_grouping"] == metric
+        if ok:
+            check_calibration_held_out("val_groups", {"ContraNet": out})
+        else:
+            with pytest.raises(ValueError, match="ContraNet"):
+                check_calibration_held_out("val_groups", {"ContraNet": out})
+
+
 def test_metric_trains_exports_and_contranet_evaluates_end_to_end(data_root, tmp_path, monkeypatch, capsys):
     """Two batches of triplet training write M; `mixdefense contranet evaluate` calibrates, saves and attacks."""
     import json
@@ -279,3 +303,18 @@ def test_baselines_refuse_a_magnet_autoencoder_trained_on_the_held_out_groups(tm
     with pytest.raises(ValueError, match="MagNet's autoencoder .*not recorded"):
         calibrate_baselines("gtsrb", parts, data, 0.1, 12, 4, "val_groups", tmp_path / "out")
     assert (tmp_path / "out/feature_squeezing.pt").is_file() and not (tmp_path / "out/magnet.pt").exists()
+
+
+def test_bundle_refuses_val_groups_thresholds_for_a_contranet_trained_on_them(tmp_path):
+    """``mixdefense bundle`` with ``calibration_split: val_groups``: the shipped MNIST ContraNet records no
+    held-out groups, so the bundle stops before loading a calibration image."""
+    from mixdefense.commands import Data
+    from mixdefense.commands.bundle import build
+
+    def never(*_, **__):
+        raise AssertionError("no image may be loaded")
+
+    config = tmp_path / "detector.yaml"
+    config.write_text("calibration_split: val_groups\n")
+    with pytest.raises(ValueError, match="val_groups.*ContraNet"):
+        build("mnist", Data(["mnist"], never, never), REPO / "artifacts/mnist", tmp_path / "d.pt", False, 0, str(config))

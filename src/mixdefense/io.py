@@ -124,17 +124,27 @@ def load_configured(cls: type, path: str | Path, tag: str, what: str, map_locati
     return build_configured(cls, load_tagged(path, tag, what, map_location))
 
 
+def training_data(path: str | Path) -> dict:
+    """The ``data`` record of a trained part's file (what it was trained on: dataset, ``val_grouping``, ...;
+    :func:`lightning_modules.callbacks.training_data_record`), ``{}`` when the file has none."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict):
+        return {}
+    record = payload.get("record") if isinstance(payload.get("record"), dict) else {}  # a detector layer's file
+    return dict(payload.get("data") or record.get("data") or {})
+
+
 def check_calibration_held_out(split: str, parts: dict[str, str | Path]) -> None:
     """Refuse to calibrate on ``split="val_groups"`` (whole held-out groups, e.g. GTSRB's sign tracks)
     when a trained part's file does not record ``data.val_grouping == "groups"``: a part trained with the
     random validation split has seen those groups' images, and thresholds set on them would be too tight
-    for new objects.  ``parts``: ``{name: file}`` of the trained parts (cGAN, M); other splits pass."""
+    for new objects.  ``parts``: ``{name: file}`` of the trained parts (cGAN, M, a calibrated ContraNet, which
+    carries its cGAN's and M's record); other splits pass."""
     if split != "val_groups":
         return
     bad = []
     for name, path in parts.items():
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        grouping = (payload.get("data") or {}).get("val_grouping", "not recorded") if isinstance(payload, dict) else "not recorded"
+        grouping = training_data(path).get("val_grouping", "not recorded")
         if grouping != "groups":
             bad.append(f"{name} {path} (val_grouping: {grouping})")
     if bad:

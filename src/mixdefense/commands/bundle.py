@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mixdefense.commands import Data, operating_point
 from mixdefense.commands.results_index import sha256_file
+from mixdefense.io import check_calibration_held_out
 
 PARTS = ("classifier.pt", "saec.pt", "contranet.pt")
 
@@ -53,6 +54,7 @@ def build(dataset: str, data: Data, parts: Path, out: Path, keep_thresholds: boo
     detector = MixDefense(classifier, [SAEC.load(parts / "saec.pt"), contranet])
     if not keep_thresholds:
         op = operating_point(dataset, config)
+        check_calibration_held_out(op["calibration_split"], {"ContraNet": parts / "contranet.pt"})
         x_cal, y_cal, source = data.load_calibration(dataset, op["calibration_split"], op["calibration_images"])
         record["operating_point"] = op
         record["contranet_calibration"] = {**calibrate_composite(detector, x_cal, y_cal, op["target_frr"]), **source}

@@ -43,7 +43,7 @@ from mixdefense.classifiers import load_classifier
 from mixdefense.commands import CALIBRATION_SPLITS, Data, operating_point
 from mixdefense.evaluation.curves import correctly_classified, point_metrics, predict
 from mixdefense.evaluation.plots import score_histograms
-from mixdefense.io import atomic_write_text, check_calibration_held_out
+from mixdefense.io import atomic_write_text, check_calibration_held_out, training_data
 from mixdefense.layers.contranet import ContraNet, predicted_labels
 from mixdefense.metrics import detection_auroc
 from mixdefense.nets import load_cgan, load_metric
@@ -222,6 +222,16 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def joint_training_data(cgan_file: str | Path, metric_file: str | Path) -> dict:
+    """The training record a calibrated ContraNet keeps of its two parts (``mixdefense bundle`` checks its
+    ``val_grouping`` before calibrating on ``val_groups``): the cGAN's, with ``val_grouping`` only where M agrees."""
+    cgan, metric = training_data(cgan_file), training_data(metric_file)
+    joint = {**cgan, "cgan": cgan, "metric": metric}
+    if cgan.get("val_grouping") != metric.get("val_grouping"):
+        joint["val_grouping"] = "differs between the cGAN and M"
+    return joint
+
+
 def evaluate(args: argparse.Namespace, load_images: LoadImages, load_calibration: LoadCalibration) -> dict:
     ds = args.dataset
     split = args.calibration_split or operating_point(ds)["calibration_split"]
@@ -238,7 +248,7 @@ def evaluate(args: argparse.Namespace, load_images: LoadImages, load_calibration
     x_cal, y_cal = x_all[pred == y_all], pred[pred == y_all]  # the correctly classified images set the thresholds
     full, variants = build_variants(cgan, metric, x_cal, y_cal, args.target_frr, args.batch_size)
     bundle = Path(args.bundle or f"artifacts/candidates/{ds}/contranet.pt")
-    variants["metric"].save(bundle, dataset=ds)
+    variants["metric"].save(bundle, dataset=ds, data=joint_training_data(cgan_file, metric_file))
 
     x_test, y_test = load_images(ds, args.split, args.num_images)
     with torch.no_grad():
