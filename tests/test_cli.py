@@ -153,6 +153,32 @@ def test_contranet_evaluate_measures_on_the_split_asked_for(tmp_path):
     assert "12 selection images" in table and "test images" not in table
 
 
+def test_contranet_and_adaptive_take_the_calibration_split_from_the_operating_point_file(tmp_path):
+    """``--config`` names the operating point whose ``calibration_split`` the tools default to: a
+    ``val_groups`` file makes ``contranet evaluate`` check the shipped MNIST parts (trained on the random
+    split) and refuse before any image is loaded; ``adaptive`` takes the split; ``--calibration-split`` wins."""
+    import argparse
+
+    from mixdefense.commands import Data
+    from mixdefense.commands import adaptive
+    from mixdefense.commands.contranet import evaluate
+
+    def never(*_, **__):
+        raise AssertionError("no image may be loaded")
+
+    config = tmp_path / "detector.yaml"
+    config.write_text("calibration_split: val_groups\n")
+    args = argparse.Namespace(dataset="mnist", cgan=None, metric=None, classifier=None, calibration_split=None,
+                              config=str(config))
+    with pytest.raises(ValueError, match="val_groups.*cGAN"):
+        evaluate(args, never, never)
+    data = Data(["mnist"], never, never)
+    assert adaptive.parse_args(["--dataset", "mnist", "--config", str(config)], data).calibration_split == "val_groups"
+    assert adaptive.parse_args(["--dataset", "mnist"], data).calibration_split == "val"
+    assert adaptive.parse_args(["--dataset", "mnist", "--config", str(config), "--calibration-split", "val"],
+                               data).calibration_split == "val"
+
+
 def test_calibration_on_held_out_groups_refuses_parts_trained_on_them(tmp_path):
     """``val_groups`` thresholds need parts trained with ``val_grouping="groups"``: a part without that record
     (the shipped MNIST cGAN) or trained on the random split is refused by name; a part trained so passes."""

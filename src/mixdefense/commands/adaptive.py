@@ -187,8 +187,11 @@ def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
                                                   "(default artifacts/<ds>/madry.pt; missing: 'not shipped')")
     ap.add_argument("--contranet-frr", type=float, default=0.05, help="ContraNet's clean false-rejection rate (recalibrated if needed)")
     ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for the recalibration")
+    ap.add_argument("--config", default=None,
+                    help="operating-point file whose calibration_split is the default of --calibration-split "
+                         "(default experiments/<ds>/detector.yaml)")
     ap.add_argument("--calibration-split", choices=CALIBRATION_SPLITS, default=None,
-                    help="the recalibration's images (default: the operating point's, experiments/<ds>/detector.yaml): "
+                    help="the recalibration's images (default: the operating point's, --config): "
                          "the validation split (val: single images; val_groups: whole groups such as GTSRB's sign tracks) or the test set's calibration split (mixdefense.splits)")
     ap.add_argument("--case-images", type=int, default=100, help="images of the §6 case studies (numbers); 6 go in the grids")
     ap.add_argument("--case-steps", type=int, default=20, help="steps of the case studies' PGD variants (beside the paper's FGSM)")
@@ -215,7 +218,7 @@ def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
     args.norms, args.budgets = norms, budgets
     args.targets = list(dict.fromkeys(args.targets or DEFAULT_TARGETS))
     args.attacks = list(dict.fromkeys(args.attacks))
-    args.calibration_split = args.calibration_split or operating_point(args.dataset)["calibration_split"]
+    args.calibration_split = args.calibration_split or operating_point(args.dataset, args.config)["calibration_split"]
     args.support_dilation = d["support_dilation"] if args.support_dilation is None else args.support_dilation
     args.out = Path(args.out or f"results/{args.dataset}/adaptive")
     args.partial_dir = Path(args.partial_dir or f"runs/{args.dataset}/adaptive_partial")

@@ -69,8 +69,11 @@ def parse_args(argv: list[str], data: Data) -> argparse.Namespace:
     ap.add_argument("--bundle", help="where to save the calibrated detector (default artifacts/candidates/<dataset>/contranet.pt)")
     ap.add_argument("--target-frr", type=float, default=0.05, help="clean false-rejection rate of the thresholds")
     ap.add_argument("--calibration-images", type=int, default=2000, help="clean images for the thresholds")
+    ap.add_argument("--config", default=None,
+                    help="operating-point file whose calibration_split is the default of --calibration-split "
+                         "(default experiments/<ds>/detector.yaml)")
     ap.add_argument("--calibration-split", choices=CALIBRATION_SPLITS, default=None,
-                    help="the thresholds' images (default: the operating point's, experiments/<ds>/detector.yaml): "
+                    help="the thresholds' images (default: the operating point's, --config): "
                          "the validation split (val: single images; val_groups: whole groups such as GTSRB's sign tracks), or a test-set calibration split (mixdefense.splits)")
     ap.add_argument("--num-images", type=int, default=1000, help="images (of --split) for the label AUROC and the attacks")
     ap.add_argument("--split", choices=("test", "selection"), default="test",
@@ -234,7 +237,7 @@ def joint_training_data(cgan_file: str | Path, metric_file: str | Path) -> dict:
 
 def evaluate(args: argparse.Namespace, load_images: LoadImages, load_calibration: LoadCalibration) -> dict:
     ds = args.dataset
-    split = args.calibration_split or operating_point(ds)["calibration_split"]
+    split = args.calibration_split or operating_point(ds, args.config)["calibration_split"]
     cgan_file, metric_file = args.cgan or f"artifacts/{ds}/cgan.pt", args.metric or f"artifacts/{ds}/metric.pt"
     check_calibration_held_out(split, {"cGAN": cgan_file, "M": metric_file})
     cgan, metric = load_cgan(cgan_file), load_metric(metric_file)
