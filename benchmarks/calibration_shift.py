@@ -10,7 +10,8 @@ tracks; :mod:`mixdefense.splits`) and each target rate, the threshold is set as 
 the *correctly classified* calibration images; reported is the false rejection that threshold gives on
 the correctly classified images of each measured split (``--measure``, default the selection split,
 where operating points are chosen; the rejection of a correctly classified image is what costs clean
-accuracy).  A calibration split is sound when the measured rate is the target.  Parts trained with the
+accuracy), and beside it (``class_mix_frr_<split>``) the rate the calibration images' per-class rates
+predict for that split's class mix: when the two agree, the shift is the class mix, not new signs.  A calibration split is sound when the measured rate is the target.  Parts trained with the
 random validation split have seen the ``val_groups`` images, so ``val_groups`` is refused for them
 (:func:`mixdefense.io.check_calibration_held_out`).  The shipped SAEC's clean rejection of each set is
 reported beside (its own threshold, from noise).  Writes ``benchmarks/results/calibration_shift_<ds>[_<name>].json``.
@@ -33,11 +34,24 @@ from mixdefense.nets import load_cgan, load_metric
 
 
 def scores(contranet: ContraNet, classifier, x: torch.Tensor, y: torch.Tensor, batch: int = 500):
-    """``(ContraNet scores [N], classifier correct [N])`` with the predicted labels."""
+    """``(ContraNet scores [N], classifier correct [N], true labels [N])`` with the predicted labels."""
     with torch.no_grad():
         pred = torch.cat([classifier(b).argmax(1) for b in x.split(batch)])
         s = torch.cat([contranet.score(xb, pb) for xb, pb in zip(x.split(batch), pred.split(batch))])
-    return s, pred == y
+    return s, pred == y, y
+
+
+def class_mix_rate(s: torch.Tensor, y: torch.Tensor, t: float, y_target: torch.Tensor) -> float | None:
+    """The rejection the calibration images' per-class rates predict for a set whose labels are ``y_target``:
+    ``sum_c share_c(target) * mean(s[y == c] > t)`` over the target's classes (``None`` when the calibration
+    images lack one of them).  Equal to the measured rate when only the class mix differs between the sets."""
+    total = 0.0
+    for c, n in zip(*torch.unique(y_target, return_counts=True)):
+        sc = s[y == c]
+        if sc.numel() == 0:
+            return None
+        total += n.item() / y_target.numel() * (sc > t).float().mean().item()
+    return total
 
 
 def shift_report(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration: list[str], measure: list[str],
@@ -47,13 +61,15 @@ def shift_report(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], calibration
     ``sets`` named in ``measure`` (and of the calibration split itself)."""
     rows = []
     for source in calibration:
-        s, ok = sets[source]
+        s, ok, y = sets[source]
         for frr in frrs:
             t = s[ok].quantile(1 - frr).item()
             row = {"calibration": source, "target_frr": frr, "threshold": t}
             for name in [source, *measure]:
-                ms, mok = sets[name]
+                ms, mok, my = sets[name]
                 row[f"frr_{name}"] = (ms[mok] > t).float().mean().item()
+                if name != source:
+                    row[f"class_mix_frr_{name}"] = class_mix_rate(s[ok], y[ok], t, my[mok])
             rows.append(row)
     return rows
 
@@ -86,7 +102,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             saec_rejects[split] = torch.cat([saec(b) for b in x.split(500)]).float().mean().item()
     report = {"dataset": ds, "cgan": cgan_file, "metric": metric_file, "images_per_set": args.n,
-              "classifier_accuracy": {k: ok.float().mean().item() for k, (_, ok) in sets.items()},
+              "classifier_accuracy": {k: ok.float().mean().item() for k, (_, ok, _) in sets.items()},
               "saec_clean_rejection": saec_rejects,
               "rows": shift_report(sets, args.calibration, args.measure, args.frr)}
     out = Path(args.out)
@@ -99,7 +115,9 @@ def main(argv=None) -> int:
     print("| calibration | target | threshold | " + " | ".join(f"rejected, {n}" for n in names) + " |")
     print("|---|---|---|" + "---|" * len(names))
     for r in report["rows"]:
-        cells = [f"{100 * r[f'frr_{n}']:.2f} %" if f"frr_{n}" in r else "" for n in names]
+        cells = [(f"{100 * r[f'frr_{n}']:.2f} %" if f"frr_{n}" in r else "")
+                 + (f" (class mix: {100 * r[f'class_mix_frr_{n}']:.2f} %)" if r.get(f"class_mix_frr_{n}") is not None else "")
+                 for n in names]
         print(f"| {r['calibration']} | {100 * r['target_frr']:g} % | {r['threshold']:.4f} | " + " | ".join(cells) + " |")
     print(f"wrote {path}")
     return 0

@@ -17,9 +17,11 @@ cs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cs)
 
 
-def _set(scores, correct=None):
+def _set(scores, correct=None, labels=None):
     scores = torch.as_tensor(scores, dtype=torch.float32)
-    return scores, torch.ones_like(scores, dtype=torch.bool) if correct is None else torch.as_tensor(correct)
+    correct = torch.ones_like(scores, dtype=torch.bool) if correct is None else torch.as_tensor(correct)
+    labels = torch.zeros(scores.numel(), dtype=torch.long) if labels is None else torch.as_tensor(labels)
+    return scores, correct, labels
 
 
 def test_thresholds_come_from_the_correctly_classified_calibration_images_only():
@@ -49,3 +51,20 @@ def test_every_calibration_split_gets_its_rows():
     assert [r["calibration"] for r in rows] == ["val", "val_groups"]
     assert rows[0]["frr_selection"] == pytest.approx(rows[0]["frr_val"])
     assert rows[1]["frr_selection"] < rows[1]["target_frr"]  # a stricter split's threshold rejects fewer of the others
+
+
+def test_the_class_mix_prediction_explains_a_shift_of_class_mix_and_not_a_shift_within_classes():
+    # class 0 scores low, class 1 high; calibration holds 90 % class 0, the new split 50 %: same scores per class
+    low, high = [i / 100 for i in range(100)], [1 + i / 100 for i in range(100)]
+    cal = _set(low * 9 + high, labels=[0] * 900 + [1] * 100)
+    mix = _set(low + high, labels=[0] * 100 + [1] * 100)
+    (row,) = cs.shift_report({"val": cal, "selection": mix}, ["val"], ["selection"], [0.05])
+    assert row["frr_selection"] > 2 * row["target_frr"]  # the threshold drifts...
+    assert row["class_mix_frr_selection"] == pytest.approx(row["frr_selection"])  # ...and the class mix says why
+    # the same class mix but every class scoring higher: the prediction stays at the calibration's rate
+    shifted = _set([v + 1.0 for v in low * 9 + high], labels=[0] * 900 + [1] * 100)
+    (row,) = cs.shift_report({"val": cal, "selection": shifted}, ["val"], ["selection"], [0.05])
+    assert row["class_mix_frr_selection"] == pytest.approx(row["frr_val"]) and row["frr_selection"] > 0.3
+    # a class the calibration images lack has no prediction
+    (row,) = cs.shift_report({"val": cal, "selection": _set(low, labels=[2] * 100)}, ["val"], ["selection"], [0.05])
+    assert row["class_mix_frr_selection"] is None
