@@ -283,6 +283,38 @@ def test_bundle_command_assembles_and_checks_the_detector(data_root, tmp_path, m
     assert check_parts(detector.record, parts) == ["saec.pt"]
 
 
+def test_bundle_turns_on_contranets_runner_up_contrast_and_calibrates_that_score(data_root, tmp_path, monkeypatch, capsys):
+    """--contrast-labels/--contrast-weight change ContraNet's score in the bundle (recorded), its threshold is set
+    on that score, and keeping the part's thresholds for another score is refused."""
+    import json
+
+    import mixdefense
+    from mixdefense.cli import load_images
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for name in ("classifier.pt", "saec.pt", "contranet.pt"):
+        (parts / name).write_bytes((REPO / "artifacts/mnist" / name).read_bytes())
+    config = tmp_path / "detector.yaml"
+    config.write_text("calibration_split: val\ntarget_frr: 0.05\ncalibration_images: 120\n")
+    assert main(["bundle", "--dataset", "mnist", "--parts", str(parts), "--check-images", "0", "--config", str(config),
+                 "--contrast-labels", "2", "--contrast-weight", "0.5", "--out", "plus.pt"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["contranet_contrast"] == {"labels": 2, "weight": 0.5}
+    detector = mixdefense.load_detector(tmp_path / "plus.pt")
+    contranet = detector.layers[-1]
+    assert (contranet.contrast_labels, contranet.contrast_weight) == (2, 0.5)
+    paper = mixdefense.load_detector(REPO / "artifacts/mnist/detector.pt").layers[-1]
+    assert contranet.thresholds.item() != paper.thresholds.item()  # recalibrated on the contrast score
+    x, _ = load_images("mnist", "val", 120)  # the calibration images: the bundle rejects about 5 % of them
+    assert detector.detect(x).rejected.float().mean().item() <= 0.1
+    with pytest.raises(ValueError, match="keep-thresholds"):
+        main(["bundle", "--dataset", "mnist", "--parts", str(parts), "--check-images", "0", "--keep-thresholds",
+              "--contrast-labels", "3", "--out", "kept.pt"])
+
+
 def test_operating_point_config_is_checked(tmp_path):
     from mixdefense.commands import operating_point
 

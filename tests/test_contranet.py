@@ -384,3 +384,114 @@ def test_reference_bank_refuses_images_that_are_not_its_own():
         bank.check(index, x[index].roll(1, -1) * 0.9)
     with pytest.raises(ValueError, match="classifier"):
         ReferenceBank.build(tiny_reconstructor(), [(x, y)], 10, 3, top_k=2)
+
+
+# -- contrast with the runner-up labels (MixDefense+) -------------------------------------------
+def _fixed_classifier(order: list[int], classes: int = 10) -> nn.Module:
+    """A classifier whose logits rank the labels as ``order`` (most likely first) for every image."""
+    logits = torch.zeros(classes)
+    for rank, label in enumerate(order):
+        logits[label] = float(classes - rank)
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return logits.expand(x.shape[0], classes).clone()
+
+    return Fixed().eval()
+
+
+class LabelShifted(Reconstructor):
+    """A cGAN whose reconstruction from label ``j`` is ``x`` shifted by ``j / 20`` (label 0: ``x`` itself)."""
+
+    class Encoder(nn.Module):
+        def forward(self, x):
+            return x, None
+
+    class Generator(nn.Module):
+        def forward(self, latent, y):
+            return (latent + y.view(-1, 1, 1, 1) / 20).clamp(0, 1)
+
+    def __init__(self):
+        super().__init__(1, 16, 10, 4, (4, 8), (8, 8, 8, 4))
+        self.encoder, self.generator = self.Encoder(), self.Generator()
+
+
+class Flat(nn.Module):
+    """An 'embedding net' that flattens (ContraNet's distance normalises the rows)."""
+
+    in_channels = 1
+
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def test_contrast_score_is_the_own_distance_plus_the_weighted_closeness_of_the_best_runner_up():
+    rec, metric = LabelShifted(), Flat()  # label j reconstructs x shifted by j / 20: distances grow with j
+    det = ContraNet(rec, metric, contrast_labels=3, contrast_weight=0.5).bind(_fixed_classifier([4, 7, 1, 0]))
+    x, y = torch.rand(5, 1, 16, 16) * 0.5, torch.full((5,), 4)
+    # runner-ups: the two most likely labels other than y (7 and 1), most likely first
+    assert det.runner_up_labels(x, y).tolist() == [[7, 1]] * 5
+
+    def dist(label):
+        return embedding_distance(metric(x), metric(rec(x, torch.full((5,), label))))
+
+    assert (dist(1) < dist(7)).all()  # the closer runner-up counts
+    expected = dist(4) + 0.5 * (2.0 - torch.minimum(dist(7), dist(1)))
+    torch.testing.assert_close(det.score(x, y), expected)
+    # y is never its own runner-up: with y = 7 the runner-ups are 4 and 1
+    assert det.runner_up_labels(x, torch.full((5,), 7)).tolist() == [[4, 1]] * 5
+    assert (det.score(x, y) >= 0).all()
+
+
+def test_contrast_of_one_label_is_the_papers_score_and_weight_zero_is_too():
+    rec, metric = tiny_reconstructor(), tiny_metric()
+    x, y = torch.rand(4, 1, 16, 16), torch.randint(0, 10, (4,))
+    paper = ContraNet(rec, metric).score(x, y)
+    torch.testing.assert_close(ContraNet(rec, metric, contrast_labels=1).score(x, y), paper)  # no classifier needed
+    zero = ContraNet(rec, metric, contrast_labels=2, contrast_weight=0.0).bind(_fixed_classifier([0, 1]))
+    torch.testing.assert_close(zero.score(x, y), paper)
+
+
+def test_contrast_rises_when_a_runner_up_reconstructs_the_image_better():
+    x, y = torch.rand(8, 1, 16, 16) * 0.5, torch.full((8,), 5)  # label 5's reconstruction is far from x
+    near = ContraNet(LabelShifted(), Flat(), contrast_labels=2, contrast_weight=1.0).bind(_fixed_classifier([5, 0]))
+    far = ContraNet(LabelShifted(), Flat(), contrast_labels=2, contrast_weight=1.0).bind(_fixed_classifier([5, 9]))
+    paper = ContraNet(LabelShifted(), Flat()).score(x, y)
+    # runner-up 0 reconstructs x exactly (distance 0): the full weight 2·w is added; runner-up 9 adds less
+    torch.testing.assert_close(near.score(x, y), paper + 2.0)
+    assert (far.score(x, y) < near.score(x, y)).all() and (far.score(x, y) > paper).all()
+
+
+def test_contrast_needs_a_bound_classifier_and_valid_settings(tmp_path):
+    rec, metric = tiny_reconstructor(), tiny_metric()
+    det = ContraNet(rec, metric, contrast_labels=2)
+    with pytest.raises(RuntimeError, match="bind"):
+        det.score(torch.rand(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))
+    for bad in (0, 11, 2.0, True):
+        with pytest.raises(ValueError, match="contrast_labels"):
+            ContraNet(rec, metric, contrast_labels=bad)
+    with pytest.raises(ValueError, match="contrast_weight"):
+        ContraNet(rec, metric, contrast_labels=2, contrast_weight=-0.1)
+    with pytest.raises(ValueError, match="'metric'"):
+        ContraNet(rec, metric, scores=("ssim",), contrast_labels=2)
+
+
+def test_contrast_settings_survive_the_file_and_detect_binds_its_classifier(tmp_path):
+    rec, metric = tiny_reconstructor(), tiny_metric()
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, 10))
+    x = torch.rand(30, 1, 16, 16)
+    det = ContraNet(rec, metric, contrast_labels=3, contrast_weight=0.25)
+    det.thresholds.fill_(1.0)
+    rejected, score, y_pred = det.detect(x, classifier)  # binds the classifier it is given
+    det.save(tmp_path / "c.pt")
+    loaded = ContraNet.load(tmp_path / "c.pt", classifier)
+    assert (loaded.contrast_labels, loaded.contrast_weight) == (3, 0.25)
+    torch.testing.assert_close(loaded.score(x, y_pred), score)
+    # a file written before the option loads as the paper's score
+    payload = det.payload()
+    del payload["contrast_labels"], payload["contrast_weight"]
+    assert ContraNet.from_payload(payload).contrast_labels == 1
+    # the score stays differentiable in x, with no gradient into the classifier (the ranking is under no_grad)
+    x.requires_grad_(True)
+    loaded.score(x, y_pred).sum().backward()
+    assert x.grad is not None and all(p.grad is None for p in classifier.parameters())

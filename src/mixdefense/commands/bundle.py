@@ -5,7 +5,9 @@ The parts are ``classifier.pt``, ``saec.pt`` and ``contranet.pt`` in ``--parts``
 (``experiments/<ds>/detector.yaml``): the composite (SAEC's noise-calibrated threshold and
 ContraNet's together) rejects ``target_frr`` of the *correctly classified* images among the first
 ``calibration_images`` of ``calibration_split`` (:func:`mixdefense.calibration.calibrate_composite`);
-``--keep-thresholds`` keeps ``contranet.pt``'s own.  The bundle records the
+``--keep-thresholds`` keeps ``contranet.pt``'s own.  ``--contrast-labels k --contrast-weight w``
+turn on MixDefense+'s runner-up contrast of ContraNet's score (:mod:`mixdefense.layers.contranet`;
+default: as in ``contranet.pt``, the paper's score for a trained part).  The bundle records the
 sha256 of every part, the operating point and the command, so it can be rebuilt from the parts
 beside it and checked against them (:func:`check_parts`).
 
@@ -38,8 +40,11 @@ def check_parts(bundle_record: dict, parts_dir: str | Path) -> list[str]:
 
 
 def build(dataset: str, data: Data, parts: Path, out: Path, keep_thresholds: bool, check_images: int,
-          config: str | None = None, command: str = "") -> dict:
-    """Assemble, calibrate, check and write the bundle; returns its record."""
+          config: str | None = None, command: str = "", contrast_labels: int | None = None,
+          contrast_weight: float | None = None) -> dict:
+    """Assemble, calibrate, check and write the bundle; returns its record.
+
+    ``contrast_labels`` / ``contrast_weight``: ContraNet's runner-up contrast (``None``: keep the part's)."""
     from mixdefense.classifiers import load_classifier
     from mixdefense.layers import SAEC, ContraNet
     from mixdefense.pipeline import MixDefense, load_detector, save_bundle
@@ -49,8 +54,17 @@ def build(dataset: str, data: Data, parts: Path, out: Path, keep_thresholds: boo
     if missing:
         raise FileNotFoundError(f"{parts}: missing part(s) {missing} (train them first, see docs/training.md)")
     classifier, contranet = load_classifier(parts / "classifier.pt"), ContraNet.load(parts / "contranet.pt")
+    contrast = (contrast_labels if contrast_labels is not None else contranet.contrast_labels,
+                contrast_weight if contrast_weight is not None else contranet.contrast_weight)
+    if contrast != (contranet.contrast_labels, contranet.contrast_weight):
+        if keep_thresholds:
+            raise ValueError("--keep-thresholds with another contrast: contranet.pt's thresholds are for its own score "
+                             f"(contrast_labels={contranet.contrast_labels}, contrast_weight={contranet.contrast_weight})")
+        contranet = ContraNet.from_payload({**contranet.payload(), "contrast_labels": contrast[0],
+                                            "contrast_weight": contrast[1], "thresholds": contranet.thresholds.clone().fill_(float("inf")),
+                                            "calibration": None})
     record: dict = {"dataset": dataset, "parts": str(parts), "part_sha256": {n: sha256_file(parts / n) for n in PARTS},
-                    "command": command}
+                    "command": command, "contranet_contrast": {"labels": contrast[0], "weight": contrast[1]}}
     detector = MixDefense(classifier, [SAEC.load(parts / "saec.pt"), contranet])
     if not keep_thresholds:
         op = operating_point(dataset, config)
@@ -81,10 +95,16 @@ def main(argv: list[str], data: Data) -> int:
     ap.add_argument("--config", default=None, help="operating-point file (default experiments/<ds>/detector.yaml)")
     ap.add_argument("--keep-thresholds", action="store_true", help="keep contranet.pt's thresholds (no recalibration)")
     ap.add_argument("--check-images", type=int, default=1000, help="clean test images for the check (0: none)")
+    ap.add_argument("--contrast-labels", type=int, default=None,
+                    help="ContraNet contrasts its label with the classifier's k-1 runner-ups (MixDefense+; 1: the paper's "
+                         "score; default: as in contranet.pt)")
+    ap.add_argument("--contrast-weight", type=float, default=None,
+                    help="the runner-ups' weight w in the contrast (default: as in contranet.pt)")
     args = ap.parse_args(argv)
     parts = Path(args.parts or f"artifacts/{args.dataset}")
     out = Path(args.out or f"artifacts/candidates/{args.dataset}/detector.pt")
     command = " ".join(["mixdefense", "bundle", *argv])
-    record = build(args.dataset, data, parts, out, args.keep_thresholds, args.check_images, args.config, command)
+    record = build(args.dataset, data, parts, out, args.keep_thresholds, args.check_images, args.config, command,
+                   args.contrast_labels, args.contrast_weight)
     print(json.dumps({"bundle": str(out), "size_mb": round(out.stat().st_size / 1e6, 2), **record}, indent=2))
     return 0

@@ -14,6 +14,16 @@ classifier's *predicted* label):
 3. reject (``True`` = adversarial) when a score exceeds its threshold.  With several scores
    the decision is their OR (the authors' follow-up code combines M with SSIM this way).
 
+**Contrast with the runner-up labels** (MixDefense+, not the paper; ``contrast_labels = k > 1``):
+the ``metric`` score becomes ``d_y + w · (2 − min_j d_j)``, ``d_y = d(M(x), M(G(μ(x), y)))`` and
+``d_j`` the same distance for the classifier's ``k − 1`` most likely labels other than ``y``
+(``w`` = ``contrast_weight``; embedding distances lie in ``[0, 2]``, so the score stays ``≥ 0``).
+An image that no label reconstructs well (a new sign, odd lighting) has large ``d_j`` too, and
+its score drops; an AE pushed from its label ``y₀`` to ``y`` keeps ``y₀`` among the runner-ups,
+reconstructs well from it, and its score rises.  The runner-ups come from the classifier the
+pipeline binds (:meth:`bind`), under ``torch.no_grad`` (no gradient through the ranking).
+``contrast_labels = 1`` (the default) is the paper's score.
+
 :meth:`ContraNet.score` returns one number per image: the raw score for a single-score
 detector, and ``max_k s_k / t_k`` (rejected iff ``> 1``) for an OR of several.
 
@@ -42,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
+from mixdefense.classifiers import UsesClassifier
 from mixdefense.io import build_configured, configured_payload
 from mixdefense.layers.base import DetectorLayer, register_layer
 from mixdefense.layers.thresholds import or_calibrate
@@ -50,6 +61,8 @@ from mixdefense.nets.metric import EmbeddingNet, embedding_distance
 from mixdefense.validation import check_images, check_labels, match_dtype
 
 SCORES = ("metric", "l2", "ssim")
+#: the largest embedding distance (normalised embeddings, ``l2`` and ``cosine``): the contrast term's offset
+MAX_EMBEDDING_DISTANCE = 2.0
 #: smallest input side accepted; other square sizes are resized to the cGAN's (e.g. 28 → 32)
 MIN_SIDE = 8
 
@@ -89,7 +102,7 @@ def image_scores(x: torch.Tensor, x_rec: torch.Tensor, which: Sequence[str], met
 
 
 @register_layer
-class ContraNet(DetectorLayer):
+class ContraNet(UsesClassifier, DetectorLayer):
     """The SP-defense detector: reconstruct with the predicted label, measure, threshold.
 
     A *post-classifier* layer of :class:`mixdefense.pipeline.MixDefense` (``kind = "post"``):
@@ -100,6 +113,9 @@ class ContraNet(DetectorLayer):
         metric: the triplet-trained embedding net M (needed for the ``metric`` score).
         scores: the distances to use (``("metric",)``, ``("metric", "ssim")`` …); OR-combined.
         distance: embedding distance of M (``"l2"`` or ``"cosine"``), as in its training.
+        contrast_labels: ``k``; ``> 1`` contrasts the ``metric`` score with the classifier's ``k − 1``
+            runner-up labels (module docstring; needs ``metric`` among the scores and a bound classifier).
+        contrast_weight: ``w ≥ 0``, the runner-ups' weight in the contrast (unused for ``k = 1``).
 
     Shapes: ``x [B, C, H, W]`` float in ``[0, 1]`` (``C`` = the cGAN's channels), ``y [B]`` int64.
     """
@@ -109,13 +125,23 @@ class ContraNet(DetectorLayer):
     kind = "post"  # sees the input and the classifier's predicted label
 
     def __init__(self, reconstructor: Reconstructor, metric: EmbeddingNet | None = None,
-                 scores: Sequence[str] = ("metric",), distance: str = "l2"):
+                 scores: Sequence[str] = ("metric",), distance: str = "l2", contrast_labels: int = 1,
+                 contrast_weight: float = 0.5):
         super().__init__()
         scores = tuple(scores)
         if not scores or any(s not in SCORES for s in scores) or len(set(scores)) != len(scores):
             raise ValueError(f"scores must be distinct names from {SCORES}, got {scores}")
         if "metric" in scores and metric is None:
             raise ValueError("the 'metric' score needs an embedding net M (metric=...)")
+        if not isinstance(contrast_labels, int) or isinstance(contrast_labels, bool) or \
+                not 1 <= contrast_labels <= reconstructor.num_classes:
+            raise ValueError(f"contrast_labels must be an integer in [1, {reconstructor.num_classes}], got {contrast_labels!r}")
+        if contrast_labels > 1 and "metric" not in scores:
+            raise ValueError("contrast_labels > 1 contrasts the 'metric' score: add 'metric' to scores")
+        if not isinstance(contrast_weight, (int, float)) or not contrast_weight >= 0:
+            raise ValueError(f"contrast_weight must be a number >= 0, got {contrast_weight!r}")
+        self.contrast_labels, self.contrast_weight = contrast_labels, float(contrast_weight)
+        self._classifier: list[nn.Module] = []  # see UsesClassifier (needed for contrast_labels > 1)
         if metric is not None and metric.in_channels != reconstructor.in_channels:
             raise ValueError(f"M takes {metric.in_channels} channels, the cGAN {reconstructor.in_channels}")
         self.reconstructor = reconstructor.eval().requires_grad_(False)
@@ -155,9 +181,30 @@ class ContraNet(DetectorLayer):
 
     def score_components(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every configured score ``[B]`` of ``(x, y)`` (≥ 0; larger = more contradictory)."""
+        runner_ups = self.runner_up_labels(x, y) if self.contrast_labels > 1 else None
         x = self._prepare(x, y)
-        x_rec = self.reconstructor(x, y)
-        return image_scores(x, x_rec, self.scores, self.metric, self.distance)
+        if runner_ups is None:
+            return image_scores(x, self.reconstructor(x, y), self.scores, self.metric, self.distance)
+        latent = self.reconstructor.encoder(x)[0]
+        x_rec = self.reconstructor.generator(latent, y)
+        out = image_scores(x, x_rec, [s for s in self.scores if s != "metric"])
+        e_x = self.metric(x)
+        d_y = embedding_distance(e_x, self.metric(x_rec), self.distance)
+        d_others = torch.stack([embedding_distance(e_x, self.metric(self.reconstructor.generator(latent, runner_ups[:, j])),
+                                                   self.distance) for j in range(runner_ups.shape[1])], 1)
+        out["metric"] = d_y + self.contrast_weight * (MAX_EMBEDDING_DISTANCE - d_others.amin(1))
+        return {s: out[s] for s in self.scores}
+
+    @torch.no_grad()
+    def runner_up_labels(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``[B, k − 1]`` int64: the bound classifier's most likely labels other than ``y``, most likely
+        first (``k`` = ``contrast_labels``).  ``x`` at the classifier's size, in ``[0, 1]``."""
+        if not self._classifier:
+            raise RuntimeError("ContraNet with contrast_labels > 1 needs the classifier's ranking: bind(classifier) "
+                               "first (MixDefense and DetectorLayer.load(path, classifier) do it)")
+        logits = self._logits(x).detach().float().clone()
+        logits.scatter_(1, y.view(-1, 1).to(logits.device), float("-inf"))
+        return logits.topk(self.contrast_labels - 1, dim=1).indices.to(y.device)
 
     def score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``[B]``: the score (one distance), or ``max_k s_k / t_k`` for an OR of several."""
@@ -184,6 +231,8 @@ class ContraNet(DetectorLayer):
         """``(rejected [B], score [B], predicted labels [B])`` with the classifier's labels."""
         x = self.validate_images(x)
         y_pred = predicted_labels(classifier, x)
+        if self.contrast_labels > 1 and not self._classifier:
+            self.bind(classifier)  # the runner-up labels come from the same classifier
         parts = self.score_components(x, y_pred)
         return self.decide(parts), self.combine(parts), y_pred
 
@@ -238,6 +287,8 @@ class ContraNet(DetectorLayer):
         return {
             "scores": list(self.scores),
             "distance": self.distance,
+            "contrast_labels": self.contrast_labels,
+            "contrast_weight": self.contrast_weight,
             "thresholds": self.thresholds.cpu(),
             "calibration": self.calibration.as_dict() if self.calibration else None,
             "cgan": configured_payload(self.reconstructor),
@@ -249,14 +300,17 @@ class ContraNet(DetectorLayer):
         """Rebuild a calibrated :class:`ContraNet` from :meth:`payload`'s dict."""
         rec = build_configured(Reconstructor, payload["cgan"])
         metric = build_configured(EmbeddingNet, payload["metric"]) if payload.get("metric") else None
-        model = cls(rec, metric, payload["scores"], payload["distance"])
+        model = cls(rec, metric, payload["scores"], payload["distance"],
+                    int(payload.get("contrast_labels", 1)), float(payload.get("contrast_weight", 0.5)))
         model.thresholds.copy_(payload["thresholds"])
         if payload.get("calibration"):
             model.calibration = Calibration(**payload["calibration"])
         return model.eval()
 
     def extra_repr(self) -> str:
-        return f"scores={self.scores}, distance={self.distance!r}, thresholds={self.thresholds.tolist()}"
+        contrast = (f", contrast_labels={self.contrast_labels}, contrast_weight={self.contrast_weight}"
+                    if self.contrast_labels > 1 else "")
+        return f"scores={self.scores}, distance={self.distance!r}{contrast}, thresholds={self.thresholds.tolist()}"
 
 
 @torch.no_grad()

@@ -1,0 +1,127 @@
+"""Compare detector bundles on the selection split, on the same oblivious AEs: a light sweep for choices.
+
+    python benchmarks/operating_points.py --dataset gtsrb --bundles A.pt B.pt ... [--names a b ...]
+        [--n-clean 2000] [--n-attacked 300] [--name SUFFIX]
+
+Bundles that differ in their operating point (which clean images set the thresholds, how the clean budget
+is split between SAEC and ContraNet, ContraNet's score) must share the classifier: the AEs are made once,
+against the bare classifier (oblivious attacker), and every bundle judges the same ones.  The points:
+FGSM and 50-step PGD L∞ at 2, 4, 8, 16, 32 /255, 50-step PGD L2 at 0.25, 0.5, 1, 2 (the registry's
+strength; :mod:`mixdefense.attacks`), from the first ``--n-attacked`` correctly classified images of the
+selection split.  Per bundle and point the sweep's own metrics (:func:`mixdefense.evaluation.points.
+point_metrics`: detection of the successful AEs, Acc_detector (eq. 7, clean and AE halves), AUROC of the
+composite's ``max`` margin, with 95 % intervals); the clean set is the correctly classified images among the
+first ``--n-clean`` selection images (their rejection is the clean cost).  Fewer images and points than
+``make evaluate``: a tool for choosing on the selection split, never a reported result.  Writes
+``benchmarks/results/operating_points_<ds>[_<name>].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mixdefense.attacks import run_sweep
+from mixdefense.cli import load_images
+from mixdefense.evaluation.points import point_metrics
+from mixdefense.metrics import wilson_interval
+from mixdefense.pipeline import load_detector
+
+POINTS = {"fgsm": [e / 255 for e in (2, 4, 8, 16, 32)], "pgd_linf": [e / 255 for e in (2, 4, 8, 16, 32)],
+          "pgd_l2": [0.25, 0.5, 1.0, 2.0]}
+
+
+@torch.no_grad()
+def judge(detector, x: torch.Tensor, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(labels [N], rejected [N], score [N])`` of a bundle: the composite's verdict and its ``max`` margin."""
+    labels, rejected, score = [], [], []
+    for xb in x.split(batch):
+        lab, margins = detector.layer_table(xb)
+        v = detector.verdict_from_table(lab, margins)
+        labels.append(lab)
+        rejected.append(v.rejected)
+        score.append(margins.amax(0))
+    return torch.cat(labels), torch.cat(rejected), torch.cat(score)
+
+
+def summarise(points: list[dict]) -> dict:
+    """Mean and minimum Acc_detector and detection over the points with successful AEs."""
+    ok = [p for p in points if p["num_successful"]]
+    worst = min(ok, key=lambda p: p["acc_detector"])
+    return {"points": len(ok), "mean_acc_detector": sum(p["acc_detector"] for p in ok) / len(ok),
+            "min_acc_detector": worst["acc_detector"], "min_point": f"{worst['attack']} {worst['eps']:.4g}",
+            "mean_detection_rate": sum(p["detection_rate"] for p in ok) / len(ok),
+            "mean_auroc": sum(p["auroc"] for p in ok) / len(ok)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=("mnist", "cifar10", "gtsrb"), required=True)
+    ap.add_argument("--bundles", nargs="+", required=True, help="detector bundles sharing one classifier")
+    ap.add_argument("--names", nargs="+", default=None, help="a short name per bundle (default: the file stems)")
+    ap.add_argument("--n-clean", type=int, default=2000)
+    ap.add_argument("--n-attacked", type=int, default=300)
+    ap.add_argument("--name", default="")
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args(argv)
+    names = args.names or [Path(b).stem for b in args.bundles]
+    if len(names) != len(args.bundles) or len(set(names)) != len(names):
+        raise SystemExit("--names: one distinct name per bundle")
+    detectors = {n: load_detector(b) for n, b in zip(names, args.bundles)}
+    classifier = next(iter(detectors.values())).classifier
+    for n, d in detectors.items():
+        if any(not torch.equal(a, b) for a, b in zip(d.classifier.state_dict().values(), classifier.state_dict().values())):
+            raise SystemExit(f"bundle {n!r} has another classifier: the AEs would not be the same attack on every bundle")
+    t0 = time.time()
+    x, y = load_images(args.dataset, "selection", args.n_clean)
+    with torch.no_grad():
+        correct = torch.cat([classifier(b).argmax(1) for b in x.split(250)]) == y
+    clean = {n: judge(d, x[correct]) for n, d in detectors.items()}
+    report = {"dataset": args.dataset, "split": "selection", "threat_model": "oblivious (AEs against the bare classifier)",
+              "bundles": dict(zip(names, args.bundles)), "clean_images": len(y), "clean_correct": int(correct.sum()),
+              "clean": {}, "points": {n: [] for n in names}}
+    for n, (_, rej, _) in clean.items():
+        k, m = int(rej.sum()), int(rej.numel())
+        report["clean"][n] = {"false_rejection": k / m, "ci95": list(wilson_interval(k, m)),
+                              "clean_accuracy_with_defense": float(((~rej).sum()) / len(y))}
+    idx = correct.nonzero().flatten()[: args.n_attacked]
+    xa, ya = x[idx], y[idx]
+    report["attacked_images"] = len(ya)
+    for attack, budgets in POINTS.items():
+        torch.manual_seed(0)
+        advs = [[] for _ in budgets]
+        for xb, yb in zip(xa.split(150), ya.split(150)):
+            for i, adv in enumerate(run_sweep(attack, classifier, xb, yb, budgets)):
+                advs[i].append(adv)
+        for eps, adv in zip(budgets, advs):
+            x_adv = torch.cat(adv)
+            norm = ((x_adv - xa).flatten(1).norm(dim=1) if attack == "pgd_l2" else (x_adv - xa).flatten(1).abs().amax(1))
+            for n, d in detectors.items():
+                labels, rejected, score = judge(d, x_adv)
+                fooled = torch.cat([classifier(b).argmax(1) for b in x_adv.split(250)]) != ya
+                _, c_rej, c_score = clean[n]
+                r = point_metrics(fooled, ~fooled, norm, rejected, score, c_rej, c_score)
+                report["points"][n].append({"attack": attack, "eps": eps, **r})
+        print(f"  {attack}: {len(budgets)} budgets ({time.time() - t0:.0f} s)", flush=True)
+    report["summary"] = {n: {**summarise(p), **report["clean"][n]} for n, p in report["points"].items()}
+    report["seconds"] = time.time() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"operating_points_{args.dataset}{'_' + args.name if args.name else ''}.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print("| bundle | clean rejected (selection) | mean Acc_detector | min Acc_detector (point) | mean detection | mean AUROC |")
+    print("|---|---|---|---|---|---|")
+    for n, s in report["summary"].items():
+        print(f"| {n} | {100 * s['false_rejection']:.2f} % [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}] | "
+              f"{100 * s['mean_acc_detector']:.1f} % | {100 * s['min_acc_detector']:.1f} % ({s['min_point']}) | "
+              f"{100 * s['mean_detection_rate']:.1f} % | {s['mean_auroc']:.3f} |")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
