@@ -1,20 +1,17 @@
 """``benchmarks/calibration_shift.py``: thresholds from one clean split measured on another (synthetic scores; fast).
 
-The script is loaded from its file (it is not part of the package).
+The script is loaded from its file (it is not part of the package): ``benchmark_scripts.load_benchmark``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("calibration_shift_benchmark", REPO / "benchmarks/calibration_shift.py")
-cs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cs)
+from benchmark_scripts import load_benchmark
+
+cs = load_benchmark("calibration_shift")
 
 
 def _set(scores, correct=None, labels=None):

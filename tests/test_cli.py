@@ -250,6 +250,17 @@ def test_metric_trains_exports_and_contranet_evaluates_end_to_end(data_root, tmp
     assert "Label AUROC" in capsys.readouterr().out
 
 
+def _mnist_parts(tmp_path, data_root, monkeypatch):
+    """A working folder holding a copy of the shipped MNIST parts (``tmp_path/parts``), data from ``data_root``."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for name in ("classifier.pt", "saec.pt", "contranet.pt"):
+        (parts / name).write_bytes((REPO / "artifacts/mnist" / name).read_bytes())
+    return parts
+
+
 def test_bundle_command_assembles_and_checks_the_detector(data_root, tmp_path, monkeypatch, capsys):
     """The bundle is calibrated at the operating point of --config, records its parts' hashes, and goes
     to artifacts/candidates/<ds>/ unless --out says otherwise (a shipped file is never replaced by default)."""
@@ -258,12 +269,7 @@ def test_bundle_command_assembles_and_checks_the_detector(data_root, tmp_path, m
     import mixdefense
     from mixdefense.commands.bundle import check_parts
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))
-    parts = tmp_path / "parts"
-    parts.mkdir()
-    for name in ("classifier.pt", "saec.pt", "contranet.pt"):
-        (parts / name).write_bytes((REPO / "artifacts/mnist" / name).read_bytes())
+    parts = _mnist_parts(tmp_path, data_root, monkeypatch)
     config = tmp_path / "detector.yaml"
     config.write_text("calibration_split: val\ntarget_frr: 0.02\ncalibration_images: 200\n")
     assert main(["bundle", "--dataset", "mnist", "--parts", str(parts), "--check-images", "60", "--config", str(config)]) == 0
@@ -291,12 +297,7 @@ def test_bundle_turns_on_contranets_runner_up_contrast_and_calibrates_that_score
     import mixdefense
     from mixdefense.cli import load_images
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MIXDEFENSE_DATA", str(data_root.resolve()))
-    parts = tmp_path / "parts"
-    parts.mkdir()
-    for name in ("classifier.pt", "saec.pt", "contranet.pt"):
-        (parts / name).write_bytes((REPO / "artifacts/mnist" / name).read_bytes())
+    parts = _mnist_parts(tmp_path, data_root, monkeypatch)
     config = tmp_path / "detector.yaml"
     config.write_text("calibration_split: val\ntarget_frr: 0.05\ncalibration_images: 120\n")
     assert main(["bundle", "--dataset", "mnist", "--parts", str(parts), "--check-images", "0", "--config", str(config),

@@ -1,20 +1,17 @@
 """``benchmarks/contranet_contrast.py``: the score variants from ranked reconstruction distances (synthetic; fast).
 
-The script is loaded from its file (it is not part of the package).
+The script is loaded from its file (it is not part of the package): ``benchmark_scripts.load_benchmark``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("contranet_contrast_benchmark", REPO / "benchmarks/contranet_contrast.py")
-cc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cc)
+from benchmark_scripts import load_benchmark
+
+cc = load_benchmark("contranet_contrast")
 
 
 def test_variants_compare_the_predicted_labels_distance_with_the_runner_ups():

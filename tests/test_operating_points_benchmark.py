@@ -1,21 +1,20 @@
 """``benchmarks/operating_points.py``: bundles judged on the same AEs (the shipped MNIST bundle; fast).
 
-The script is loaded from its file (it is not part of the package).
+The script is loaded from its file (it is not part of the package): ``benchmark_scripts.load_benchmark``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("operating_points_benchmark", REPO / "benchmarks/operating_points.py")
-op = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(op)
+op = load_benchmark("operating_points")
 
 
 def test_judge_gives_the_bundles_own_verdict_and_a_score_above_one_exactly_where_it_rejects():
@@ -40,3 +39,14 @@ def test_summary_takes_the_mean_and_the_worst_point_over_points_with_successful_
     assert s["points"] == 2 and s["mean_acc_detector"] == pytest.approx(0.8)
     assert s["min_acc_detector"] == pytest.approx(0.7) and s["min_point"].startswith("pgd_linf")
     assert s["mean_detection_rate"] == pytest.approx(0.65) and s["mean_auroc"] == pytest.approx(0.925)
+
+
+def test_last_layer_cut_rejects_the_rate_together_with_the_earlier_layers():
+    # 100 clean images: SAEC (row 0) rejects 2 of them; ContraNet's margins (row 1) are 0.00 .. 0.99
+    m = torch.stack([torch.zeros(100), torch.arange(100) / 100])
+    m[0, :2] = 5.0
+    cut = op.last_layer_cut(m, 0.05)
+    rejected = (m[0] > 1) | (m[1] > cut)
+    assert int(rejected.sum()) == 5  # 2 by SAEC, 3 more by ContraNet
+    assert op.last_layer_cut(m, 0.01) == float("inf")  # SAEC alone already rejects 2 %: ContraNet rejects nothing
+    assert int(((m[0] > 1) | (m[1] > op.last_layer_cut(m, 0.02))).sum()) == 2

@@ -1,21 +1,18 @@
 """``benchmarks/throughput.py``'s helpers on synthetic tensors and a tiny module (fast; no artifacts, no data).
 
-The script is loaded from its file (it is not part of the package).
+The script is loaded from its file (it is not part of the package): ``benchmark_scripts.load_benchmark``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("throughput_benchmark", REPO / "benchmarks/throughput.py")
-tp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tp)
+from benchmark_scripts import load_benchmark
+
+tp = load_benchmark("throughput")
 
 
 def _tiny() -> nn.Module:
