@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from mixdefense.attacks import run_sweep
+from mixdefense.calibration import margin_cutoffs
 from mixdefense.cli import load_images
 from mixdefense.evaluation.points import point_metrics
 from mixdefense.metrics import wilson_interval
@@ -47,7 +48,12 @@ POINTS = {"fgsm": [e / 255 for e in (2, 4, 8, 16, 32)], "pgd_linf": [e / 255 for
 def judge(detector, x: torch.Tensor, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(labels [N], rejected [N], score [N])`` of a bundle: the composite's verdict and its ``max`` margin."""
     labels, margins = layer_margins(detector, x, batch)
-    return labels, detector.verdict_from_table(labels, margins).rejected, margins.amax(0)
+    return (labels, *verdict(detector, labels, margins))
+
+
+def verdict(detector, labels: torch.Tensor, margins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rejected [N], score [N])`` from :func:`layer_margins`' table: the composite's decision, its ``max`` margin."""
+    return detector.verdict_from_table(labels, margins).rejected, margins.amax(0)
 
 
 @torch.no_grad()
@@ -59,14 +65,12 @@ def layer_margins(detector, x: torch.Tensor, batch: int = 250) -> tuple[torch.Te
 
 def last_layer_cut(clean_margins: torch.Tensor, rate: float) -> float:
     """The cut on the last layer's margin at which the composite rejects ``rate`` of the clean images
-    (``clean_margins [L, M]``; the earlier layers keep their own cut at 1).  ``inf`` when the earlier
-    layers alone already reject more than ``rate``."""
-    prior = (clean_margins[:-1] > 1).any(0) if clean_margins.shape[0] > 1 else torch.zeros(clean_margins.shape[1], dtype=torch.bool)
-    room = int(rate * clean_margins.shape[1]) - int(prior.sum())
-    if room < 0:
+    (``clean_margins [L, M]``): the sweep's rule (:func:`mixdefense.calibration.margin_cutoffs`, the earlier
+    layers keeping their cut at 1).  ``inf`` when the earlier layers alone already reject ``rate`` or more."""
+    prior = (clean_margins[:-1] > 1).any(0)
+    if prior.double().mean() >= rate:
         return float("inf")
-    rest = clean_margins[-1][~prior].sort(descending=True).values
-    return float(rest[room]) if room < len(rest) else float("-inf")
+    return float(margin_cutoffs(clean_margins.T.float(), rate, fixed=clean_margins.shape[0] - 1)[-1])
 
 
 def summarise(points: list[dict]) -> dict:
@@ -102,8 +106,9 @@ def main(argv=None) -> int:
     x, y = load_images(args.dataset, "selection", args.n_clean)
     with torch.no_grad():
         correct = torch.cat([classifier(b).argmax(1) for b in x.split(250)]) == y
-    clean = {n: judge(d, x[correct]) for n, d in detectors.items()}
-    clean_margins = {n: layer_margins(d, x[correct])[1] for n, d in detectors.items()}
+    clean_tables = {n: layer_margins(d, x[correct]) for n, d in detectors.items()}  # every bundle scores them once
+    clean = {n: (labels, *verdict(detectors[n], labels, m)) for n, (labels, m) in clean_tables.items()}
+    clean_margins = {n: m for n, (_, m) in clean_tables.items()}
     cuts = {n: {f"{r:g}": last_layer_cut(m, r) for r in EQUAL_RATES} for n, m in clean_margins.items()}
     report = {"dataset": args.dataset, "split": "selection", "threat_model": "oblivious (AEs against the bare classifier)",
               "bundles": dict(zip(names, args.bundles)), "clean_images": len(y), "clean_correct": int(correct.sum()),
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
             fooled = torch.cat([classifier(b).argmax(1) for b in x_adv.split(250)]) != ya
             for n, d in detectors.items():
                 labels, margins = layer_margins(d, x_adv)
-                rejected, score = d.verdict_from_table(labels, margins).rejected, margins.amax(0)
+                rejected, score = verdict(d, labels, margins)
                 _, c_rej, c_score = clean[n]
                 r = point_metrics(fooled, ~fooled, norm, rejected, score, c_rej, c_score)
                 for rate, cut in cuts[n].items():  # the same bundle, its last layer re-cut on the selection images
