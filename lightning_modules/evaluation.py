@@ -52,8 +52,9 @@ Resume and reproducibility: every test batch draws its random numbers from
 on the batches before it.  Its rows are written (atomically) as soon as they are done, in two
 kinds of parts: the bundle's (its classifier attacked, every layer and detector baseline scoring
 the AEs) and one per robust classifier (attacked on its own, seeded the same way).  Each part is
-keyed by what it depends on (settings, the contents of its files, the batch), so a killed run
-started again with the same config computes only what is missing, and a run that adds a robust
+keyed by what it depends on (settings, the contents of its files — not their paths or baseline
+names — and the batch), so a killed run started again with the same config computes only what is
+missing, a bundle copied elsewhere (``make ship``) keeps its parts, and a run that adds a robust
 classifier (``make compare`` after ``make evaluate``, both with ``partial_dir`` set to the same
 folder) reuses the bundle's parts and attacks only the new classifier.  The default folder,
 ``report_dir/partial/``, is removed once the report is written; a ``partial_dir`` given in the
@@ -166,6 +167,12 @@ class MixDefenseEvaluation(pl.LightningModule):
         # the contents (not the dates) of the bundle and baseline files: partial rows survive a git clone
         self._file_digests = {f: hashlib.sha256(Path(f).read_bytes()).hexdigest()
                               for f in [bundle, *(baselines or {}).values()]}
+        same = {}
+        for name, f in (baselines or {}).items():
+            same.setdefault(self._file_digests[f], []).append(name)
+        twins = [names for names in same.values() if len(names) > 1]
+        if twins:  # parts map their baseline columns by content: two names for one file would be ambiguous
+            raise ValueError(f"baselines {twins} are the same file content under different names: keep one")
         frrs = [0.01, 0.05] if frrs is None else list(frrs)
         if not frrs or any(not 0.0 < f < 1.0 for f in frrs):
             raise ValueError(f"frrs must be a non-empty list of rates in (0, 1), got {frrs}")
@@ -218,56 +225,98 @@ class MixDefenseEvaluation(pl.LightningModule):
         data = hashlib.sha256(x.detach().cpu().contiguous().numpy().tobytes())
         data.update(y.detach().cpu().contiguous().numpy().tobytes())
         files = self.hparams.baselines or {}
+        digest = self._file_digests
         detectors = {b.name: files[b.name] for b in self.baselines if b.attack_model is None}
-        parts = [("bundle", {"bundle": self.hparams.bundle, "detector_baselines": detectors},
-                  [self.hparams.bundle, *detectors.values()], lambda rows: self._attack_batch(x, y, batch_idx, rows))]
+        parts = [("bundle", {"bundle": digest[self.hparams.bundle], "detector_baselines": sorted(digest[f] for f in detectors.values())},
+                  {"bundle": self.hparams.bundle, "detector_baselines": detectors}, [self.hparams.bundle, *detectors.values()],
+                  lambda rows: self._attack_batch(x, y, batch_idx, rows))]
         for b, baseline in enumerate(self.baselines):
             if baseline.attack_model is not None:
-                parts.append((f"robust-{baseline.name}", {"robust": {baseline.name: files[baseline.name]}}, [files[baseline.name]],
+                f = files[baseline.name]
+                parts.append((f"robust-{baseline.name}", {"robust": digest[f]}, {"robust": {baseline.name: f}}, [f],
                               lambda rows, b=b, baseline=baseline: self._attack_robust(b, baseline, x, y, rows)))
-        for part, settings, used, compute in parts:
-            signature = self._signature(settings, used, data.hexdigest())
-            path = self._partial_path(batch_idx, f"{part}_{signature[:16]}")  # runs sharing the folder never collide
+        for part, settings, legacy_settings, used, compute in parts:
+            signature = self._signature(settings, data.hexdigest())
+            path = self._partial_path(batch_idx, f"{part.split('-')[0]}_{signature[:16]}")  # runs sharing the folder never collide
             tables = self._load_part(path, signature) if self.hparams.resume else None
+            if tables is None and self.hparams.resume:
+                tables = self._upgrade_legacy_part(batch_idx, part, legacy_settings, used, data.hexdigest(), path, signature)
             if tables is None:
                 torch.manual_seed(self.hparams.seed + batch_idx)
                 rows: dict[str, list[torch.Tensor]] = {key: [] for key in self._metrics()}
                 compute(rows)
                 tables = {k: torch.cat(v).detach() if v else torch.empty(0) for k, v in rows.items()}
-                atomic_torch_save({"signature": signature, "baseline_names": [b.name for b in self.baselines],
-                                   **{k: t.cpu() for k, t in tables.items()}}, path)
+                self._save_part(path, signature, tables)
             for key, metric in self._metrics().items():
                 if tables[key].numel():
                     metric.update(tables[key].to(self.device))
 
+    def _baseline_digests(self) -> list[str]:
+        files = self.hparams.baselines or {}
+        return [self._file_digests[files[b.name]] for b in self.baselines]
+
+    def _save_part(self, path: Path, signature: str, tables: dict[str, torch.Tensor]) -> None:
+        """A finished part: its rows, and the contents (sha256) of the baselines its baseline columns number."""
+        atomic_torch_save({"signature": signature, "baseline_digests": self._baseline_digests(),
+                           "baseline_names": [b.name for b in self.baselines],
+                           **{k: t.cpu() for k, t in tables.items()}}, path)
+
     def _load_part(self, path: Path, signature: str) -> dict[str, torch.Tensor] | None:
-        """A finished part's tables, its baseline columns renumbered to this run's baselines (``None``: redo it)."""
+        """A finished part's tables, its baseline columns renumbered to this run's baselines (``None``: redo it).
+
+        Columns are matched by the baselines' file contents, so a part written under other file names or
+        baseline names is reused (parts of the legacy format, which has no digests, are matched by name)."""
         if not path.exists():
             return None
         done = torch.load(path, map_location="cpu", weights_only=True)
         if done.get("signature") != signature:
             return None
-        index = {b.name: float(i) for i, b in enumerate(self.baselines)}
-        renumber = torch.tensor([index.get(n, -1.0) for n in done.get("baseline_names", [])] or [-1.0])
+        if "baseline_digests" in done:
+            index = {d: float(i) for i, d in enumerate(self._baseline_digests())}
+            keys = done["baseline_digests"]
+        else:
+            index = {b.name: float(i) for i, b in enumerate(self.baselines)}
+            keys = done.get("baseline_names", [])
+        renumber = torch.tensor([index.get(n, -1.0) for n in keys] or [-1.0])
         tables = {k: done[k].clone() for k in self._metrics()}
         for key, col in (("baseline", 1), ("baseline_clean", 0)):
             if tables[key].numel():
                 tables[key][:, col] = renumber[tables[key][:, col].long()]
+                tables[key] = tables[key][tables[key][:, col] >= 0]  # rows of baselines this run does not have
         return tables
 
     def _metrics(self) -> dict[str, CatMetric]:
         return {"ae": self.ae_rows, "clean": self.clean_rows, "baseline": self.baseline_rows, "baseline_clean": self.baseline_clean_rows}
 
-    def _signature(self, settings: dict, files: list[str], data: str) -> str:
-        """What a part's rows depend on (the attacks, the seed, the part's own settings, the contents of
-        its files, the batch): rows of another run or another data split are never reused.  Not the
-        operating points: rows hold margins, and the cut-offs are applied when the report is made."""
+    def _signature(self, settings: dict, data: str) -> str:
+        """What a part's rows depend on (the attacks, the seed, the part's own settings, in which files are
+        named by their contents, not their paths, and the batch): rows of another run or another data split
+        are never reused, and a bundle copied elsewhere (``make ship``) or a baseline renamed keeps its rows.
+        Not the operating points: rows hold margins, and the cut-offs are applied when the report is made."""
+        h = hashlib.sha256(json.dumps({"parts": "content-keyed", "attacks": self.hparams.attacks,
+                                       "seed": self.hparams.seed, **settings}, sort_keys=True, default=str).encode())
+        h.update(data.encode())
+        return h.hexdigest()
+
+    def _legacy_signature(self, settings: dict, files: list[str], data: str) -> str:
+        """The key of parts written before parts were keyed by content (file paths and names in the key)."""
         h = hashlib.sha256(json.dumps({"attacks": self.hparams.attacks, "seed": self.hparams.seed, **settings},
                                       sort_keys=True, default=str).encode())
         for f in files:
             h.update(self._file_digests[f].encode())
         h.update(data.encode())
         return h.hexdigest()
+
+    def _upgrade_legacy_part(self, batch_idx: int, part: str, settings: dict, files: list[str], data: str,
+                             path: Path, signature: str) -> dict[str, torch.Tensor] | None:
+        """A part of the legacy format (same paths, names and contents) rewritten under its content key."""
+        legacy = self._legacy_signature(settings, files, data)
+        old = self._partial_path(batch_idx, f"{part}_{legacy[:16]}")
+        tables = self._load_part(old, legacy)
+        if tables is not None:
+            self._save_part(path, signature, tables)
+            old.unlink()
+        return tables
 
     @property
     def _partial_root(self) -> Path:

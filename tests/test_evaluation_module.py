@@ -272,14 +272,7 @@ def test_compare_after_evaluate_reuses_the_bundle_parts(mnist_bundle, tmp_path, 
     assert main(_test_args(mnist_bundle, tmp_path / "scratch", data_root) + attacks + [compare]) == 0
     assert not (tmp_path / "scratch/partial").exists()  # the default folder goes with a finished run
     assert main(_test_args(mnist_bundle, tmp_path / "evaluate", data_root) + attacks + [evaluate, shared]) == 0
-    calls = {"bundle": 0, "robust": 0}
-    for method, key in (("_attack_batch", "bundle"), ("_attack_robust", "robust")):
-        original = getattr(MixDefenseEvaluation, method)
-
-        def counted(self, *args, _original=original, _key=key):
-            calls[_key] += 1
-            return _original(self, *args)
-        monkeypatch.setattr(MixDefenseEvaluation, method, counted)
+    calls = _count_attacks(monkeypatch)
     assert main(_test_args(mnist_bundle, tmp_path / "compare", data_root) + attacks + [compare, shared]) == 0
     assert calls == {"bundle": 0, "robust": 4}  # 4 batches: only the robust classifier was attacked
     assert len(list((tmp_path / "shared").glob("*_bundle_*.pt"))) == 4  # a named folder is kept
@@ -290,6 +283,94 @@ def test_compare_after_evaluate_reuses_the_bundle_parts(mnist_bundle, tmp_path, 
     for a, b in zip(scratch["points"], reused["points"]):
         assert a == pytest.approx(b, nan_ok=True)
 
+
+
+def _count_attacks(monkeypatch) -> dict[str, int]:
+    """Count the bundle's and the robust classifiers' attacked batches from here on."""
+    from lightning_modules.evaluation import MixDefenseEvaluation
+
+    calls = {"bundle": 0, "robust": 0}
+    for method, key in (("_attack_batch", "bundle"), ("_attack_robust", "robust")):
+        original = getattr(MixDefenseEvaluation, method)
+
+        def counted(self, *args, _original=original, _key=key):
+            calls[_key] += 1
+            return _original(self, *args)
+        monkeypatch.setattr(MixDefenseEvaluation, method, counted)
+    return calls
+
+
+def _by_defense(report: Path, name: str) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "defense"}
+            for r in json.loads((report / "evaluation.json").read_text())["points"] if r["defense"] == name]
+
+
+def test_parts_are_keyed_by_file_contents_not_paths_or_names(mnist_bundle, tmp_path, data_root, monkeypatch):
+    """A bundle copied elsewhere (``make ship``) and baselines renamed and moved reuse every part: nothing is
+    attacked again, and each renamed baseline's rows are its own (same numbers under the new name)."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    clf, _ = _squeezing_file(tmp_path, data_root)
+    attacks = ["--model.init_args.attacks={pgd_linf: {budgets: [32, 64], steps: 3}}"]
+    robust = REPO / "artifacts/mnist/classifier.pt"
+    shared = f"--model.init_args.partial_dir={tmp_path / 'shared'}"
+    first = f"--model.init_args.baselines={{fs: {tmp_path / 'fs.pt'}, robust: {robust}}}"
+    assert main(_test_args(mnist_bundle, tmp_path / "first", data_root) + attacks + [first, shared]) == 0
+    shipped = tmp_path / "shipped" / "detector.pt"
+    shipped.parent.mkdir()
+    shutil.copy(mnist_bundle, shipped)
+    shutil.copy(tmp_path / "fs.pt", tmp_path / "squeezer.pt")
+    shutil.copy(robust, tmp_path / "lenet_copy.pt")
+    renamed = f"--model.init_args.baselines={{lenet: {tmp_path / 'lenet_copy.pt'}, squeeze: {tmp_path / 'squeezer.pt'}}}"
+    calls = _count_attacks(monkeypatch)
+    assert main(_test_args(shipped, tmp_path / "second", data_root) + attacks + [renamed, shared]) == 0
+    assert calls == {"bundle": 0, "robust": 0}
+    for old, new in (("mixdefense", "mixdefense"), ("fs", "squeeze"), ("robust", "lenet")):
+        a, b = _by_defense(tmp_path / "first", old), _by_defense(tmp_path / "second", new)
+        assert a and len(a) == len(b)
+        for ra, rb in zip(a, b):
+            assert ra == pytest.approx(rb, nan_ok=True)
+    # one file content under two names would make the columns ambiguous
+    twins = f"--model.init_args.baselines={{fs: {tmp_path / 'fs.pt'}, squeeze: {tmp_path / 'squeezer.pt'}}}"
+    with pytest.raises(ValueError, match="same file content"):
+        main(_test_args(shipped, tmp_path / "third", data_root) + attacks + [twins, shared])
+
+
+def test_parts_of_the_legacy_format_are_upgraded_in_place(mnist_bundle, tmp_path, data_root, monkeypatch):
+    """Parts written before content keys (path-keyed names, baseline columns by name) are reused once, rewritten
+    under their content key, and the report equals the one they were made for."""
+    from lightning_modules.evaluation import MixDefenseEvaluation
+
+    monkeypatch.chdir(tmp_path)
+    _squeezing_file(tmp_path, data_root)
+    attacks = ["--model.init_args.attacks={pgd_linf: {budgets: [32, 64], steps: 3}}"]
+    args = [f"--model.init_args.baselines={{fs: {tmp_path / 'fs.pt'}}}", f"--model.init_args.partial_dir={tmp_path / 'parts'}"]
+    seen = []
+    original = MixDefenseEvaluation._upgrade_legacy_part
+
+    def remember(self, batch_idx, part, settings, files, data, path, signature):
+        legacy = self._legacy_signature(settings, files, data)
+        seen.append((legacy, self._partial_path(batch_idx, f"{part}_{legacy[:16]}"), path))
+        return original(self, batch_idx, part, settings, files, data, path, signature)
+    monkeypatch.setattr(MixDefenseEvaluation, "_upgrade_legacy_part", remember)
+    assert main(_test_args(mnist_bundle, tmp_path / "first", data_root) + attacks + args) == 0
+    monkeypatch.undo()
+    assert len(seen) == 4
+    for legacy, old, path in seen:  # rewrite each part as the old code wrote it
+        done = torch.load(path, weights_only=True)
+        del done["baseline_digests"]
+        done["signature"] = legacy
+        torch.save(done, old)
+        path.unlink()
+    calls = _count_attacks(monkeypatch)
+    assert main(_test_args(mnist_bundle, tmp_path / "second", data_root) + attacks + args) == 0
+    assert calls == {"bundle": 0, "robust": 0}
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == sorted(path.name for _, _, path in seen)
+    assert "baseline_digests" in torch.load(seen[0][2], weights_only=True)
+    for d in ("mixdefense", "fs"):
+        for ra, rb in zip(_by_defense(tmp_path / "first", d), _by_defense(tmp_path / "second", d)):
+            assert ra == pytest.approx(rb, nan_ok=True)
 
 def test_ddp_on_two_cpu_processes_gives_the_same_metrics(mnist_bundle, tmp_path, data_root):
     """strategy=ddp, 2 processes (gloo): every process attacks its shard, the rows are gathered."""
