@@ -21,6 +21,8 @@ CASES = [
     ("resnet_small", 43, 3, 32, {"blocks": [1, 1, 1], "widths": [8, 16, 32]}),
     ("densenet169", 10, 3, 32, {}),
     ("resnet34", 43, 3, 32, {}),
+    ("vgg", 10, 3, 32, {}),
+    ("vgg", 10, 1, 28, {"cfg": [8, "M", 16, "M"], "dropout": 0.1}),
 ]
 
 
@@ -36,6 +38,15 @@ def test_logits_shape_on_unit_range_input(arch, classes, channels, size, kwargs)
 
 def test_all_architectures_are_covered():
     assert {c[0] for c in CASES} == set(ARCHITECTURES)
+
+
+def test_vgg_is_torchvisions_conv_stack_with_a_global_pool_head():
+    model = Classifier("vgg", 10, 3, 32, dataset="cifar10")
+    convs = [m for m in model.backbone.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 128, 128]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.features) == 6
+    assert model.backbone.head[-1].in_features == 128
+    assert 0.25e6 < sum(p.numel() for p in model.parameters()) < 0.35e6   # about ResNet-20's size
 
 
 def test_normalisation_is_inside_the_model():
@@ -60,15 +71,19 @@ def test_check_input_rejects_what_the_model_cannot_take():
 
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match="unknown classifier arch"):
-        Classifier("vgg")
+        Classifier("vgg16")
+    with pytest.raises(ValueError, match="vgg cfg"):
+        Classifier("vgg", 10, 3, 32, arch_kwargs={"cfg": ["M", 0]})
     with pytest.raises(ValueError, match="in_channels"):
         Classifier("lenet", in_channels=2)
     with pytest.raises(ValueError, match="mean/std"):
         Classifier("lenet", in_channels=1, mean=[0.1, 0.2, 0.3], std=[1, 1, 1])
 
 
-def test_save_load_round_trip_is_weights_only(tmp_path):
-    model = Classifier("resnet_small", 10, 3, 32, dataset="cifar10", arch_kwargs={"blocks": [1, 1, 1], "widths": [8, 16, 32]}).eval()
+@pytest.mark.parametrize("arch,kwargs", [("resnet_small", {"blocks": [1, 1, 1], "widths": [8, 16, 32]}),
+                                         ("vgg", {"cfg": [8, 8, "M", 16, "M"]})])
+def test_save_load_round_trip_is_weights_only(tmp_path, arch, kwargs):
+    model = Classifier(arch, 10, 3, 32, dataset="cifar10", arch_kwargs=kwargs).eval()
     path = save_classifier(model, tmp_path / "c.pt", note="test")
     payload = torch.load(path, weights_only=True)  # must not need pickled code
     assert payload["metadata"]["note"] == "test"

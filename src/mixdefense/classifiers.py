@@ -15,6 +15,12 @@ Architectures (``arch``):
                    the paper's CIFAR-10 model (paper-sized profile, GPU).
 ``resnet34``       torchvision ResNet-34 adapted to 32×32 (3×3 stem, no max-pool):
                    the paper's GTSRB model (paper-sized profile, GPU).
+``vgg``            torchvision VGG with batch norm (Simonyan & Zisserman 2015): the conv
+                   stack ``cfg`` (``torchvision.models.vgg.make_layers``; channels, ``"M"``
+                   for a 2×2 max-pool), then global average pooling and one linear layer.
+                   A plain CNN without skip connections; the default ``cfg`` (two convs at
+                   32, 64, 128 channels, 0.29 M parameters) costs about as much as
+                   ResNet-20: the second CIFAR-10 classifier of the plug-and-play check.
 =================  ====================================================================
 """
 
@@ -138,7 +144,39 @@ def _resnet34_32(num_classes: int, in_channels: int) -> nn.Module:
     return net
 
 
-ARCHITECTURES = ("lenet", "resnet_small", "densenet169", "resnet34")
+#: the ``vgg`` architecture's default conv stack: channels per 3×3 conv, "M" a 2×2 max-pool
+VGG_SMALL_CFG = (32, 32, "M", 64, 64, "M", 128, 128, "M")
+
+
+class VGGSmall(nn.Module):
+    """torchvision's VGG conv stack with batch norm (``torchvision.models.vgg.make_layers(cfg)``), then a global
+    average pool and one linear layer in place of VGG's 7×7 pool and 4096-wide head (a 32×32 image is 4×4 after three
+    pools).  ``cfg``: channels per 3×3 conv, ``"M"`` a 2×2 max-pool; ``dropout`` before the linear layer."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, cfg: Sequence[int | str] = VGG_SMALL_CFG,
+                 dropout: float = 0.0):
+        super().__init__()
+        cfg = list(cfg)
+        widths = [c for c in cfg if c != "M"]
+        if not widths or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in widths):
+            raise ValueError(f"vgg cfg needs positive channel counts and 'M' entries, got {cfg}")
+        self.features = torchvision.models.vgg.make_layers(cfg, batch_norm=True)
+        if in_channels != 3:   # make_layers always starts from 3 channels
+            self.features[0] = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(widths[-1], num_classes))
+        for m in self.modules():   # torchvision VGG's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+ARCHITECTURES = ("lenet", "resnet_small", "densenet169", "resnet34", "vgg")
 
 
 class Classifier(nn.Module):
@@ -197,6 +235,8 @@ class Classifier(nn.Module):
             self.backbone = ResNetSmall(num_classes, in_channels, **arch_kwargs)
         elif arch == "densenet169":
             self.backbone = _densenet169_32(num_classes, in_channels)
+        elif arch == "vgg":
+            self.backbone = VGGSmall(num_classes, in_channels, **arch_kwargs)
         else:
             self.backbone = _resnet34_32(num_classes, in_channels)
 
