@@ -19,8 +19,8 @@ Architectures (``arch``):
                    stack ``cfg`` (``torchvision.models.vgg.make_layers``; channels, ``"M"``
                    for a 2×2 max-pool), then global average pooling and one linear layer.
                    A plain CNN without skip connections; the default ``cfg`` (two convs at
-                   32, 64, 128 channels, 0.29 M parameters) costs about as much as
-                   ResNet-20: the second CIFAR-10 classifier of the plug-and-play check.
+                   32, 64, 128 channels, 0.29 M parameters, ResNet-20's size) is the
+                   second CIFAR-10 classifier of the plug-and-play check.
 =================  ====================================================================
 """
 
