@@ -323,6 +323,28 @@ def test_part_digest_covers_every_field():
         assert PartStore.digest({**spec, key: value}) != d
 
 
+def test_a_part_is_found_across_float_rounding_of_its_thresholds_and_nothing_more(tmp_path):
+    """A threshold recalibrated on another machine differs in its last float32 bits: the part must still be reused
+    (an MNIST run lost 45 parts to 0.5259537100791931 vs 0.5259538292884827); a real change must not be."""
+    spec = {"kind": "row", "model": "mixdefense", "attack": "pgd", "targets": "untargeted", "norm": "linf", "eps": 0.1,
+            "settings": {"steps": 10, "alpha": "2.5*eps/steps"}, "bundle_sha256": "a",
+            "contranet_thresholds": [0.5259537100791931], "seed": 0}
+    store = PartStore(tmp_path)
+    store.save(spec, {"mixdefense": 0.25})
+    rounded = {**spec, "contranet_thresholds": [0.5259538292884827]}
+    assert PartStore.digest(rounded) != PartStore.digest(spec)
+    again = PartStore(tmp_path)
+    assert again.load(rounded)["mixdefense"] == 0.25 and again.reused == 1
+    assert again.load(spec)["mixdefense"] == 0.25   # its own file, by digest
+    for changed in ({"contranet_thresholds": [0.526]}, {"contranet_thresholds": [0.5259537100791931, 1.0]},
+                    {"seed": 1}, {"bundle_sha256": "b"}, {"settings": {"steps": 11, "alpha": "2.5*eps/steps"}},
+                    {"settings": {"steps": 10.0, "alpha": "2.5*eps/steps", "extra": 1}}):
+        assert PartStore(tmp_path).load({**spec, **changed}) is None, changed
+    assert PartStore(tmp_path).load({**spec, "eps": 0.1 * (1 + 1e-9)}) is not None   # float rounding of ε too
+    (tmp_path / "row-mixdefense-pgd-untargeted-linf-0.1-garbage.json").write_text("not json")
+    assert PartStore(tmp_path).load(rounded)["mixdefense"] == 0.25   # an unreadable neighbour is skipped
+
+
 # -- the robust-accuracy table -----------------------------------------------------------------
 def _row(attack, targets, mix, clf=1.0):
     return {"attack": attack, "targets": targets, "family": attack, "mixdefense": mix, "classifier": clf}
