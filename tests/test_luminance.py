@@ -162,17 +162,20 @@ def test_allocation_charges_each_active_cut_and_leaves_useless_tests_off():
 
 
 # -- the option in SAEC ----------------------------------------------------------------------------------
-def _paper_scores(x: torch.Tensor, saec: SAEC) -> torch.Tensor:
-    """Eq. 1–2 written out per image (p-norm over channels, valid filter, histc, variance)."""
+def _paper_features(x: torch.Tensor, saec: SAEC) -> torch.Tensor:
+    """Eq. 1 and the high-pass filter written out per image (p-norm over channels, valid filter) → ``[B, N]``."""
     out = []
     for img in x:
         d = img - img.mean(0, keepdim=True)
         sat = (d.abs() ** float(saec.p)).sum(0) ** (1 / float(saec.p))
-        feat = high_pass(sat[None], kernel_tensor(saec.kernel_name))[0].flatten()
-        r = float(saec.value_range)
-        h = torch.histc(feat, bins=int(saec.bins), min=-r, max=r) / feat.numel()
-        out.append(h.var(unbiased=False))
+        out.append(high_pass(sat[None], kernel_tensor(saec.kernel_name))[0].flatten())
     return torch.stack(out)
+
+
+def _paper_scores(feat: torch.Tensor, saec: SAEC) -> torch.Tensor:
+    """Eq. 2 written out per image on given features ``[B, N]``: histc, then the histogram's variance."""
+    r = float(saec.value_range)
+    return torch.stack([(torch.histc(f, bins=int(saec.bins), min=-r, max=r) / f.numel()).var(unbiased=False) for f in feat])
 
 
 def test_option_off_is_the_paper_saec():
@@ -181,8 +184,11 @@ def test_option_off_is_the_paper_saec():
         off, on = SAEC(**settings), SAEC(**settings, luminance=True)
         assert list(off.state_dict()) == PAPER_KEYS and list(off.settings()) == PAPER_SETTINGS
         assert not off.luminance and on.luminance
-        reference = _paper_scores(x, off)
-        assert torch.allclose(off.score(x), reference, rtol=1e-5, atol=1e-9)
+        # compared in two steps: a residual within float rounding of a bin edge (flat regions of these scenes give
+        # residuals of exactly 0, an edge) may fall in either neighbouring bin on another CPU's kernels
+        feat = off.noise_contrast(x).flatten(1)
+        assert torch.allclose(feat, _paper_features(x, off), rtol=1e-5, atol=1e-7)
+        assert torch.allclose(off.score(x), _paper_scores(feat, off), rtol=1e-5, atol=1e-9)
         assert torch.equal(on.score(x), off.score(x))  # the option never touches NL
     assert torch.equal(batched_histogram(torch.zeros(1, 4), 4, -1.0, 1.0), torch.tensor([[0.0, 0, 4, 0]]))
 
