@@ -45,10 +45,14 @@ class PartStore:
         """sha256 (hex) of the spec's canonical JSON (sorted keys, no spaces)."""
         return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
+    @staticmethod
+    def readable_name(spec: dict) -> str:
+        """``<kind>-<model>-<attack>-<goal>-<norm>-<eps>``: the part file's name before its digest."""
+        return f"{spec['kind']}-{spec['model']}-{spec['attack']}-{mode_slug(spec['targets'])}-{spec['norm']}-{spec['eps']:.5g}"
+
     def path(self, spec: dict) -> Path:
-        """``<kind>-<model>-<attack>-<goal>-<norm>-<eps>-<digest[:16]>.json`` in ``root``."""
-        return self.root / (f"{spec['kind']}-{spec['model']}-{spec['attack']}-{mode_slug(spec['targets'])}-{spec['norm']}-"
-                            f"{spec['eps']:.5g}-{self.digest(spec)[:16]}.json")
+        """``<readable name>-<digest[:16]>.json`` in ``root``."""
+        return self.root / f"{self.readable_name(spec)}-{self.digest(spec)[:16]}.json"
 
     def load(self, spec: dict) -> dict | None:
         """The finished part of ``spec`` (counted as reused), or ``None``: missing, unreadable or of another spec.
@@ -61,8 +65,7 @@ class PartStore:
         if part is not None and part.get("digest") == self.digest(spec) and part.get("spec") == wanted:
             self.reused += 1
             return part
-        prefix = path.name[: -len(".json") - 16]   # the readable name, without the digest
-        for other in sorted(self.root.glob(glob.escape(prefix) + "*.json")):
+        for other in sorted(self.root.glob(glob.escape(self.readable_name(spec)) + "-*.json")):
             if other == path:
                 continue
             part = _read_json(other)
